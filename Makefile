@@ -1,0 +1,19 @@
+# Set-up, main job and tests. `make train` and `make test` each set up a fresh machine first.
+PYTHON ?= python3
+# A CPU build of torch is installed only when no torch is present; an existing (CUDA) torch is kept.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup train test lint
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	@$(PYTHON) -m pip install -q -e ".[dev,train]"
+
+train: setup
+	moe-train
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check moe kernels tests

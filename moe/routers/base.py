@@ -1,0 +1,95 @@
+"""The router base class: a linear gate in float32 plus shared argument checks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.distributed as dist
+
+from moe.routing import Routing
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum``, else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_top_k(top_k, num_experts: int) -> int:
+    """Validate ``1 <= top_k <= num_experts``."""
+    check_positive_int("top_k", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    return top_k
+
+
+def check_positive_float(name: str, value) -> float:
+    """Return ``value`` as float if it is a finite number > 0, else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+class Router(nn.Module):
+    """Base class: ``forward(x: (T, H)) -> Routing``; the gate is a bias-free linear map to E logits.
+
+    Logits are computed in float32 whatever the input dtype. Subclasses implement ``route``.
+    Routers with per-step state (balancing biases, adaptive coefficients) override
+    ``step_update``, which ``moe.update_routers`` calls once per optimizer step.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=hidden_size**-0.5)
+        self.layer_name = "moe"  # set by the owning MoELayer so errors can name the layer
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits (T, E); raises on non-finite values (device-side assert on CUDA, no sync)."""
+        logits = torch.nn.functional.linear(x.float(), self.gate.weight.float())
+        finite = torch.isfinite(logits).all()
+        message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
+        if logits.is_cuda:
+            torch._assert_async(finite, message)
+        elif not bool(finite):
+            raise FloatingPointError(message)
+        return logits
+
+    def forward(
+        self, x: torch.Tensor, *, seq_len: int | None = None, token_ids: torch.Tensor | None = None
+    ) -> Routing:
+        if x.dim() != 2 or x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"router input must have shape (T, hidden_size={self.hidden_size}), got {tuple(x.shape)}"
+            )
+        return self.route(x, seq_len=seq_len, token_ids=token_ids)
+
+    def route(self, x: torch.Tensor, *, seq_len: int | None, token_ids: torch.Tensor | None) -> Routing:
+        raise NotImplementedError  # abstractmethod: every concrete router defines it
+
+    @torch.no_grad()
+    def step_update(self, process_group: dist.ProcessGroup | None = None) -> None:
+        """Per-optimizer-step state update; the default router has none."""
+
+    @classmethod
+    def update_group(cls, routers: list["Router"], process_group: dist.ProcessGroup | None = None) -> None:
+        """Update every router of this class once per optimizer step (classes may couple them)."""
+        for router in routers:
+            router.step_update(process_group)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}"
+
+
+def all_reduce_if_distributed(tensor: torch.Tensor, process_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum ``tensor`` over ``process_group`` in place when torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, group=process_group)
+    return tensor

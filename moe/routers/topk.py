@@ -1,0 +1,215 @@
+"""Token-choice top-k routing (Switch, GShard, Mixtral, DeepSeek-V2/V3 variants)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
+from moe.routers.base import (
+    Router,
+    all_reduce_if_distributed,
+    check_positive_float,
+    check_positive_int,
+    check_top_k,
+)
+from moe.routing import Routing, group_by_expert
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probability", "position")
+
+
+class TopKRouter(Router):
+    """Each token picks its ``top_k`` highest-scoring experts.
+
+    Papers: Switch Transformer (Fedus et al. 2021), GShard (Lepikhin et al. 2020), Mixtral (Jiang et
+    al. 2024), DeepSeek-V3 (2024) for sigmoid scores, group-limited routing and aux-loss-free
+    balancing (Wang et al. 2024).
+
+    Args:
+        top_k: experts per token, in [1, num_experts].
+        score_function: ``"softmax"`` over all experts or ``"sigmoid"`` per expert.
+        normalize_weights: renormalise the chosen k weights to sum to 1. Default: True when
+            top_k > 1 (GShard, Mixtral), False when top_k == 1 (Switch keeps the raw probability,
+            otherwise the router gets no gradient). Mixtral's "top-k of the logits, then softmax over
+            the k" is exactly softmax-then-top-k with normalisation, so there is one option, not two.
+        route_scale: multiplies the final weights (DeepSeek-V3 uses 2.5 with sigmoid scores).
+        jitter_eps: in training only, multiply the router input by U(1 - eps, 1 + eps) (Switch: 0.01).
+        capacity_factor: None for dropless; otherwise each expert keeps at most
+            ``C = ceil(k * T / E * capacity_factor)`` pairs and the rest are dropped.
+        drop_policy: with a capacity, keep each expert's highest-``"probability"`` pairs or its first
+            pairs by token ``"position"``.
+        num_groups, groups_kept: group-limited routing (DeepSeek-V3): experts split into
+            ``num_groups`` groups scored by the sum of their top-2 scores; only the best
+            ``groups_kept`` groups are eligible.
+        bias_update_rate: gamma of aux-loss-free balancing (DeepSeek-V3 uses 1e-3); None disables
+            it. Selection uses score + bias, weights use the unbiased score; the bias is a buffer
+            updated by ``step_update`` once per optimizer step, never by the optimizer.
+        load_balancing_coef, z_loss_coef, sequence_balance_coef: weights of the Switch
+            load-balancing loss (1e-2), the ST-MoE z-loss (1e-3) and the DeepSeek-V3 sequence-wise
+            balance loss (0; V3 uses 1e-4 together with the bias).
+
+    Cost: one (T, H) x (H, E) GEMM plus O(T * E) elementwise work and a sort of T * k pairs.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        score_function: str = "softmax",
+        normalize_weights: bool | None = None,
+        route_scale: float = 1.0,
+        jitter_eps: float = 0.0,
+        capacity_factor: float | None = None,
+        drop_policy: str = "probability",
+        num_groups: int | None = None,
+        groups_kept: int | None = None,
+        bias_update_rate: float | None = None,
+        load_balancing_coef: float = 1e-2,
+        z_loss_coef: float = 1e-3,
+        sequence_balance_coef: float = 0.0,
+    ):
+        super().__init__(hidden_size, num_experts)
+        self.top_k = check_top_k(top_k, num_experts)
+        if score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+        if capacity_factor is not None:
+            check_positive_float("capacity_factor", capacity_factor)
+        if not 0.0 <= jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+        check_positive_float("route_scale", route_scale)
+        for name, coef in [
+            ("load_balancing_coef", load_balancing_coef),
+            ("z_loss_coef", z_loss_coef),
+            ("sequence_balance_coef", sequence_balance_coef),
+        ]:
+            if not coef >= 0:
+                raise ValueError(f"{name} must be >= 0, got {coef}")
+        if (num_groups is None) != (groups_kept is None):
+            raise ValueError(
+                f"num_groups and groups_kept go together, got num_groups={num_groups}, groups_kept={groups_kept}"
+            )
+        if num_groups is not None:
+            check_positive_int("num_groups", num_groups)
+            if num_experts % num_groups != 0:
+                raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
+            if not 1 <= groups_kept <= num_groups:
+                raise ValueError(f"groups_kept must be in [1, num_groups={num_groups}], got {groups_kept}")
+            if groups_kept * (num_experts // num_groups) < top_k:
+                raise ValueError(
+                    f"groups_kept={groups_kept} groups of {num_experts // num_groups} experts cannot hold top_k={top_k}"
+                )
+        self.score_function = score_function
+        self.normalize_weights = top_k > 1 if normalize_weights is None else bool(normalize_weights)
+        self.route_scale = float(route_scale)
+        self.jitter_eps = float(jitter_eps)
+        self.capacity_factor = capacity_factor
+        self.drop_policy = drop_policy
+        self.num_groups = num_groups
+        self.groups_kept = groups_kept
+        self.bias_update_rate = bias_update_rate
+        self.load_balancing_coef = load_balancing_coef
+        self.z_loss_coef = z_loss_coef
+        self.sequence_balance_coef = sequence_balance_coef
+        if bias_update_rate is not None:
+            check_positive_float("bias_update_rate", bias_update_rate)
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+            self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity ``ceil(k * T / E * capacity_factor)``, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.top_k * num_tokens / self.num_experts * self.capacity_factor)
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Indices (T, k) of the chosen experts: top-k of score (+ bias), within the kept groups."""
+        selection = scores + self.expert_bias if self.bias_update_rate is not None else scores
+        if self.num_groups is not None and self.groups_kept < self.num_groups:
+            grouped = selection.view(-1, self.num_groups, self.num_experts // self.num_groups)
+            per_group = min(2, grouped.shape[-1])
+            group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)
+            kept = group_scores.topk(self.groups_kept, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            selection = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view_as(selection)
+        return selection.topk(self.top_k, dim=-1).indices
+
+    def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        if self.training and self.jitter_eps > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        logits = self.compute_logits(x)
+        num_tokens = logits.shape[0]
+        scores = logits.softmax(-1) if self.score_function == "softmax" else logits.sigmoid()
+
+        chosen = self._select(scores.detach())
+        weights = scores.gather(1, chosen)
+        if self.normalize_weights:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * self.route_scale
+
+        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        if self.training and self.bias_update_rate is not None:
+            self.step_load += counts.float()
+        aux_loss = self._aux_loss(logits, scores, chosen, counts, seq_len or num_tokens)
+
+        token_index = torch.arange(num_tokens, device=x.device).repeat_interleave(self.top_k)
+        expert_index, weight = chosen.flatten(), weights.flatten()
+        capacity = self.capacity(num_tokens)
+        if capacity is None:
+            return group_by_expert(token_index, expert_index, weight, logits, aux_loss)
+        priority = scores.detach().gather(1, chosen).flatten()
+        return self._apply_capacity(token_index, expert_index, weight, priority, logits, aux_loss, capacity)
+
+    def _apply_capacity(self, token_index, expert_index, weight, priority, logits, aux_loss, capacity) -> Routing:
+        """Keep each expert's first ``capacity`` pairs by priority or position (pairs start in token order)."""
+        order = torch.arange(token_index.numel(), device=token_index.device)
+        if self.drop_policy == "probability":
+            order = torch.argsort(priority, descending=True, stable=True)
+        order = order[torch.argsort(expert_index[order], stable=True)]
+        sorted_experts = expert_index[order]
+        counts = torch.bincount(sorted_experts, minlength=self.num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
+        order = order[rank < capacity]
+        kept_experts = expert_index[order]
+        return Routing(
+            token_index=token_index[order],
+            expert_index=kept_experts,
+            weight=weight[order],
+            tokens_per_expert=torch.bincount(kept_experts, minlength=self.num_experts),
+            logits=logits,
+            aux_loss=aux_loss,
+            num_requested=token_index.numel(),
+        )
+
+    def _aux_loss(self, logits, scores, chosen, counts, seq_len) -> torch.Tensor:
+        total = logits.new_zeros(())
+        probs = scores if self.score_function == "softmax" else scores / scores.sum(-1, keepdim=True)
+        if self.load_balancing_coef > 0:
+            total = total + self.load_balancing_coef * load_balancing_loss(probs, counts, self.top_k)
+        if self.z_loss_coef > 0:
+            total = total + self.z_loss_coef * z_loss(logits)
+        if self.sequence_balance_coef > 0:
+            mask = torch.zeros_like(scores).scatter_(1, chosen, 1.0)
+            total = total + self.sequence_balance_coef * sequence_load_balancing_loss(
+                scores, mask, self.top_k, seq_len
+            )
+        return total
+
+    @torch.no_grad()
+    def step_update(self, process_group: dist.ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing: ``b_e += gamma * sign(mean(c) - c_e)`` over the step's loads."""
+        if self.bias_update_rate is None:
+            return
+        load = all_reduce_if_distributed(self.step_load.clone(), process_group)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.step_load.zero_()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, top_k={self.top_k}, score_function={self.score_function}"

@@ -1,0 +1,30 @@
+"""Package metadata for moe. ``kernels/`` installs as ``moe.kernels``."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe",
+    version="0.1.0",
+    description="A Mixture-of-Experts training framework for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe", "moe.*"]) + ["moe.kernels"],
+    package_dir={"moe.kernels": "kernels"},
+    include_package_data=True,
+    # Any torch >= 2.8 (torch._grouped_mm) is kept as installed: a GPU user's CUDA build stays.
+    install_requires=["torch>=2.8", "einops>=0.7", "numpy"],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6", "scipy>=1.10", "ruff", "pytest-timeout"],
+        "train": ["hydra-core>=1.3", "wandb", "tqdm", "matplotlib", "safetensors"],
+        "slurm": ["hydra-submitit-launcher>=1.2"],
+        "deepspeed": ["deepspeed"],
+        "megablocks": ["megablocks"],
+    },
+    entry_points={
+        "console_scripts": [
+            "moe-train=moe.train:main",
+            "moe-compress=moe.compress.cli:main",
+        ]
+    },
+)
