@@ -22,7 +22,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t (logsumexp_e z_te)^2``; all-zero logits give ``(ln E)^2``."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).square().mean()
 
 
 def sequence_load_balancing_loss(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
 import torch
+from torch import nn
 
 from moe.experts.mlp import ACTIVATIONS, activate
 from moe.routers.base import check_positive_int

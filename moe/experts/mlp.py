@@ -56,10 +56,15 @@ class ExpertMLP(nn.Module):
         )
 
 
+def _dense_grad(g: torch.Tensor) -> torch.Tensor:
+    # An empty expanded gradient counts as contiguous, so .contiguous() would keep its 0 strides.
+    return g.contiguous() if g.numel() else g.new_zeros(g.shape)
+
+
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     # torch._grouped_mm's backward rejects expanded (stride-0) gradients such as that of y.sum().
     if t.requires_grad:
-        t.register_hook(lambda g: g.contiguous())
+        t.register_hook(_dense_grad)
     return t
 
 

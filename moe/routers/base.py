@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.distributed as dist
+from torch import nn
 
 from moe.routing import Routing
 
@@ -35,6 +35,10 @@ def check_positive_float(name: str, value) -> float:
     return float(value)
 
 
+class NonFiniteLogitsError(ValueError, FloatingPointError):
+    """Router logits contain NaN or inf; the message names the MoE layer."""
+
+
 class Router(nn.Module):
     """Base class: ``forward(x: (T, H)) -> Routing``; the gate is a bias-free linear map to E logits.
 
@@ -52,14 +56,18 @@ class Router(nn.Module):
         self.layer_name = "moe"  # set by the owning MoELayer so errors can name the layer
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 logits (T, E); raises on non-finite values (device-side assert on CUDA, no sync)."""
-        logits = torch.nn.functional.linear(x.float(), self.gate.weight.float())
+        """Logits (T, E) in float32 (float64 for float64 input, so gradcheck sees exact maths).
+
+        Raises on non-finite values (device-side assert on CUDA, no host sync).
+        """
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = torch.nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
         finite = torch.isfinite(logits).all()
         message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
         if logits.is_cuda:
             torch._assert_async(finite, message)
         elif not bool(finite):
-            raise FloatingPointError(message)
+            raise NonFiniteLogitsError(message)
         return logits
 
     def forward(
@@ -79,7 +87,7 @@ class Router(nn.Module):
         """Per-optimizer-step state update; the default router has none."""
 
     @classmethod
-    def update_group(cls, routers: list["Router"], process_group: dist.ProcessGroup | None = None) -> None:
+    def update_group(cls, routers: list[Router], process_group: dist.ProcessGroup | None = None) -> None:
         """Update every router of this class once per optimizer step (classes may couple them)."""
         for router in routers:
             router.step_update(process_group)
