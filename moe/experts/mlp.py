@@ -68,19 +68,44 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class GroupedExperts(ExpertMLP):
-    """Experts run as two ``torch._grouped_mm`` calls over expert-sorted rows: no padding, no loop.
+def _aligned(width: int, dtype: torch.dtype) -> int:
+    """``width`` rounded up so that one row is a multiple of 16 bytes (torch._grouped_mm's stride rule)."""
+    multiple = max(1, 16 // dtype.itemsize)
+    return -(-width // multiple) * multiple
 
-    Works on CPU (float32, bf16) and CUDA (bf16; row widths multiple of 8). Experts with zero rows
-    are fine. Cost: 2 * N * H * F * (3 if swiglu else 2) FLOPs forward.
+
+class GroupedExperts(ExpertMLP):
+    """Experts run as two ``torch._grouped_mm`` calls over expert-sorted rows: no loop over experts.
+
+    Works on CPU (float32, bf16) and CUDA (bf16). Experts with zero rows, and N = 0, are fine.
+    ``torch._grouped_mm`` needs 16-byte rows; when H or F is not a multiple of 16 bytes (4 float32
+    or 8 bf16 elements) the weights are zero-padded for the call, which is exact but copies them.
+    Cost: 2 * N * H * F * (3 if swiglu else 2) FLOPs forward.
     """
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-        w_in, w_out = self.w_in.to(x.dtype), self.w_out.to(x.dtype)
+        w_in, w_out = self._aligned_weights(x.dtype)
+        hidden = w_out.shape[-1]
+        if hidden != self.hidden_size:
+            x = F.pad(x, (0, hidden - self.hidden_size))
         h = _contiguous_grad(torch._grouped_mm(x, w_in, offs=offsets))
         h = activate(h, self.activation)
-        return _contiguous_grad(torch._grouped_mm(h, w_out, offs=offsets))
+        out = _contiguous_grad(torch._grouped_mm(h, w_out, offs=offsets))
+        return out if hidden == self.hidden_size else out[:, : self.hidden_size]
+
+    def _aligned_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights in ``dtype``, zero-padded to 16-byte rows where needed (padding contributes 0)."""
+        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+        hidden, ffn = _aligned(self.hidden_size, dtype), _aligned(self.ffn_hidden_size, dtype)
+        if (hidden, ffn) == (self.hidden_size, self.ffn_hidden_size):
+            return w_in, w_out
+        pad_h, pad_f = hidden - self.hidden_size, ffn - self.ffn_hidden_size
+        halves = 2 if self.activation == "swiglu" else 1  # pad the gate and up halves separately
+        w_in = w_in.view(self.num_experts, self.hidden_size, halves, self.ffn_hidden_size)
+        w_in = F.pad(w_in, (0, pad_f, 0, 0, 0, pad_h)).reshape(self.num_experts, hidden, halves * ffn)
+        w_out = F.pad(w_out, (0, pad_h, 0, pad_f))
+        return w_in, w_out
 
 
 class LoopExperts(ExpertMLP):
