@@ -1,10 +1,20 @@
 """Routers: each maps tokens (T, H) to a ``moe.Routing``; pick one by name with ``build_router``."""
 
 from moe.routers.base import Router
+from moe.routers.base_layer import BASERouter
+from moe.routers.expert_choice import ExpertChoiceRouter
+from moe.routers.hash import HashRouter
+from moe.routers.relu import ReLURouter
+from moe.routers.sinkhorn import SinkhornRouter
 from moe.routers.topk import TopKRouter
 
 ROUTERS: dict[str, type[Router]] = {
     "topk": TopKRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "relu": ReLURouter,
+    "base": BASERouter,
+    "sinkhorn": SinkhornRouter,
+    "hash": HashRouter,
 }
 
 
@@ -15,4 +25,14 @@ def build_router(name: str, hidden_size: int, num_experts: int, **kwargs) -> Rou
     return ROUTERS[name](hidden_size, num_experts, **kwargs)
 
 
-__all__ = ["ROUTERS", "Router", "TopKRouter", "build_router"]
+__all__ = [
+    "ROUTERS",
+    "BASERouter",
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "ReLURouter",
+    "Router",
+    "SinkhornRouter",
+    "TopKRouter",
+    "build_router",
+]

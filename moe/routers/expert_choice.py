@@ -1,0 +1,68 @@
+"""Expert-choice routing: each expert picks its top-C tokens (Zhou et al. 2022)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moe.losses import z_loss
+from moe.routers.base import Router, check_positive_float
+from moe.routing import Routing, from_expert_major
+
+
+class ExpertChoiceRouter(Router):
+    """Each expert takes exactly its ``C`` highest-scoring tokens; a token may get 0..E experts.
+
+    Paper: "Mixture-of-Experts with Expert Choice Routing", Zhou et al., NeurIPS 2022.
+
+    Scores are ``S = softmax(x W)`` over experts (float32). Each expert e takes the tokens with the
+    ``C = ceil(T * capacity_factor / E)`` largest ``S[:, e]`` (all T tokens when T < C) and the
+    combine weight is ``S[t, e]``, differentiable w.r.t. the gate. Every expert processes exactly
+    ``min(C, T)`` tokens, so the load is perfectly balanced by construction and needs no balancing
+    loss; ``num_requested`` is ``E * C``.
+
+    Not causal: the tokens of one batch compete for each expert's slots, so whether token t is
+    routed depends on the tokens after it. A decoder language model trained with it sees the future
+    through routing and behaves differently at generation time (one token at a time).
+
+    Args:
+        capacity_factor: c in ``C = ceil(T * c / E)``; the average number of experts per token
+            (paper default 2).
+        z_loss_coef: weight of the ST-MoE router z-loss (default 0: the paper uses none).
+
+    Cost: one (T, H) x (H, E) GEMM, a softmax over (T, E) and a top-C per expert (E x T); no host sync.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float = 2.0, z_loss_coef: float = 0.0):
+        super().__init__(hidden_size, num_experts)
+        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)
+        if isinstance(z_loss_coef, bool) or not isinstance(z_loss_coef, (int, float)) or not z_loss_coef >= 0:
+            raise ValueError(f"z_loss_coef must be a number >= 0, got {z_loss_coef!r}")
+        self.z_loss_coef = float(z_loss_coef)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Tokens per expert ``C = ceil(T * capacity_factor / E)`` before the ``min(C, T)`` cap."""
+        return math.ceil(num_tokens * self.capacity_factor / self.num_experts)
+
+    def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        logits = self.compute_logits(x)
+        num_tokens = logits.shape[0]
+        scores = logits.softmax(-1)
+        capacity = self.capacity(num_tokens)
+        taken = min(capacity, num_tokens)
+        chosen = scores.detach().t().topk(taken, dim=1).indices  # (E, taken): token ids per expert
+        weight = scores.t().gather(1, chosen)
+        aux_loss = self.z_loss_coef * z_loss(logits) if self.z_loss_coef > 0 else logits.new_zeros(())
+        tokens_per_expert = torch.full((self.num_experts,), taken, dtype=torch.long, device=logits.device)
+        return from_expert_major(
+            chosen.flatten(),
+            weight.flatten(),
+            tokens_per_expert,
+            logits,
+            aux_loss,
+            num_requested=self.num_experts * capacity,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"
