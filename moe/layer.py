@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.dispatch import LocalDispatcher
+from moe.dispatch.fused import FusedDispatcher, build_kernel_router
 from moe.experts import DenseMLP, ExpertMLP, build_experts
 from moe.routers import Router, build_router
 from moe.routers.base import check_positive_int
@@ -41,6 +42,8 @@ class MoELayer(nn.Module):
             width ``shared_experts * ffn_hidden_size``, or ``shared_ffn_hidden_size`` when given.
         shared_expert_gate: multiply the shared output by a learned ``sigmoid(x . w)`` (Qwen2-MoE).
         dispatcher: permute/combine strategy; default ``LocalDispatcher`` (expert parallel: pass an EP one).
+        kernels: use the Triton kernels (``moe.kernels``): ``FusedDispatcher``, and for ``router="topk"``
+            the fused top-k router; pure torch where they cannot run (no triton, or CPU tensors).
 
     Returns a tensor of the input's shape: the sum over each token's experts of weight * expert(x)
     (plus the shared experts). Tokens routed to no expert get zero; the caller adds the residual.
@@ -64,6 +67,7 @@ class MoELayer(nn.Module):
         shared_ffn_hidden_size: int | None = None,
         shared_expert_gate: bool = False,
         dispatcher=None,
+        kernels: bool = False,
         **router_kwargs,
     ):
         super().__init__()
@@ -75,7 +79,8 @@ class MoELayer(nn.Module):
                 raise TypeError(f"router keyword arguments {sorted(router_kwargs)} given with a router instance")
             self.router = router
         elif isinstance(router, str):
-            self.router = build_router(router, hidden_size, num_experts, **router_kwargs)
+            build = build_kernel_router if kernels else build_router
+            self.router = build(router, hidden_size, num_experts, **router_kwargs)
         else:
             raise TypeError(f"router must be a name or a moe.routers.Router, got {type(router).__name__}")
         if self.router.num_experts != num_experts or self.router.hidden_size != hidden_size:
@@ -83,16 +88,29 @@ class MoELayer(nn.Module):
                 f"router has hidden_size={self.router.hidden_size}, num_experts={self.router.num_experts}; "
                 f"layer has hidden_size={hidden_size}, num_experts={num_experts}"
             )
+        if kernels:
+            if dispatcher is not None:
+                raise ValueError("kernels=True selects FusedDispatcher; pass kernels=True or dispatcher=, not both")
+            dispatcher = FusedDispatcher()
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        num_local = getattr(self.dispatcher, "num_local_experts", num_experts)
         if isinstance(experts, ExpertMLP):
+            if (experts.num_experts, experts.hidden_size) != (num_local, hidden_size):
+                raise ValueError(
+                    f"experts have num_experts={experts.num_experts}, hidden_size={experts.hidden_size}; "
+                    f"layer needs num_experts={num_local} (local), hidden_size={hidden_size}"
+                )
             self.experts = experts
-        else:
-            num_local = getattr(self.dispatcher, "num_local_experts", num_experts)
+        elif isinstance(experts, str):
             self.experts = build_experts(experts, num_local, hidden_size, ffn_hidden_size, activation)
+        else:
+            raise TypeError(f"experts must be a name or a moe.experts.ExpertMLP, got {type(experts).__name__}")
         check_positive_int("shared_experts", shared_experts, minimum=0)
+        if shared_ffn_hidden_size is not None:
+            check_positive_int("shared_ffn_hidden_size", shared_ffn_hidden_size)
         self.shared_experts = None
         self.shared_expert_gate = None
-        if shared_experts > 0 or shared_ffn_hidden_size:
+        if shared_experts > 0 or shared_ffn_hidden_size is not None:
             width = shared_ffn_hidden_size or shared_experts * ffn_hidden_size
             self.shared_experts = DenseMLP(hidden_size, width, activation)
             if shared_expert_gate:
