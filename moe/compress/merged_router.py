@@ -1,0 +1,102 @@
+"""A router for merged experts: the original router's E logits and selection, then an expert -> group map."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe.routers import Router, build_router
+from moe.routing import Routing, group_by_expert
+
+
+def group_logsumexp(logits: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(T, G) ``log Σ_{e in g} exp(z_e)``: the group's logit, so that softmax over groups sums member probabilities."""
+    index = expert_to_group.expand_as(logits)
+    peak = logits.new_full((logits.shape[0], num_groups), float("-inf")).scatter_reduce(
+        1, index, logits, reduce="amax", include_self=True
+    )
+    mass = logits.new_zeros(logits.shape[0], num_groups).scatter_add(1, index, (logits - peak.gather(1, index)).exp())
+    return peak + mass.log()
+
+
+class MergedRouter(Router):
+    """Routes exactly like the router it wraps, then sends each pair to its expert's merged group.
+
+    Why not merge the router rows: a group's routing mass under softmax is ``Σ_{e∈g} exp(z_e)``, which
+    no single linear row reproduces, and top-k selection over E members differs from top-k over G
+    groups (a token whose two choices share a group would get a second, different group). Keeping the
+    E logits and mapping after selection is exactly MC-SMoE's rule: a token sent to any member reaches
+    the merged expert with that member's weight, so the weights of members of one group add up.
+
+    A token whose k choices fall in one group runs the merged expert once per choice (the outputs add
+    to the merged expert times the summed weight). Keeping N = T*k pairs avoids a data-dependent row
+    count, so there is no host sync. ``Routing.logits`` are the group log-sum-exps (T, G).
+
+    Args:
+        num_experts: G, the number of merged experts.
+        expert_to_group: (E,) group of each original expert, every group in [0, G) used.
+        router: the original router (instance, E experts) or a router name built with ``router_kwargs``.
+
+    Cost: the wrapped router's, plus O(T*k) for the map and O(T*E) for the group logits.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        expert_to_group,
+        router: str | Router = "topk",
+        **router_kwargs,
+    ):
+        super().__init__(hidden_size, num_experts)
+        del self.gate
+        expert_to_group = torch.as_tensor(expert_to_group, dtype=torch.int64).flatten()
+        used = torch.unique(expert_to_group)
+        if used.numel() != num_experts or used.min() != 0 or used.max() != num_experts - 1:
+            raise ValueError(
+                f"expert_to_group must use every group in [0, {num_experts}) and no other, "
+                f"got groups {used.tolist()}"
+            )
+        if isinstance(router, Router):
+            if router_kwargs:
+                raise TypeError(f"router keyword arguments {sorted(router_kwargs)} given with a router instance")
+            source = router
+        else:
+            source = build_router(router, hidden_size, expert_to_group.numel(), **router_kwargs)
+        if source.num_experts != expert_to_group.numel() or source.hidden_size != hidden_size:
+            raise ValueError(
+                f"router has num_experts={source.num_experts}, hidden_size={source.hidden_size}; "
+                f"expert_to_group has {expert_to_group.numel()} entries, hidden_size={hidden_size}"
+            )
+        self.source = source
+        self.register_buffer("expert_to_group", expert_to_group.to(source.gate.weight.device))
+
+    @property
+    def top_k(self) -> int:
+        """The wrapped router's experts per token (pairs per token before the map)."""
+        return self.source.top_k
+
+    def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        self.source.layer_name = self.layer_name
+        inner = self.source.route(x, seq_len=seq_len, token_ids=token_ids)
+        group_logits = group_logsumexp(inner.logits, self.expert_to_group, self.num_experts)
+        return group_by_expert(
+            inner.token_index,
+            self.expert_to_group[inner.expert_index],
+            inner.weight,
+            group_logits,
+            inner.aux_loss,
+            inner.num_requested,
+        )
+
+    @classmethod
+    def update_group(cls, routers: list[MergedRouter], process_group: dist.ProcessGroup | None = None) -> None:
+        """Run the wrapped routers' per-step updates, grouped by their own class."""
+        by_class: dict[type, list[Router]] = {}
+        for router in routers:
+            by_class.setdefault(type(router.source), []).append(router.source)
+        for source_cls, sources in by_class.items():
+            source_cls.update_group(sources, process_group)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, source_experts={self.expert_to_group.numel()}"

@@ -1,0 +1,99 @@
+"""Dynamic expert skipping for top-2 routing ("Not All Experts are Equal", Lu et al. 2024)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe.compress.calibration import Calibration
+from moe.layer import moe_layers
+from moe.routers import Router
+from moe.routing import Routing
+
+
+class SkippingRouter(Router):
+    """Wraps a top-2 router and drops a token's second expert when ``w2 < beta * w1``.
+
+    The first expert keeps its weight unchanged (no renormalisation), as in the paper. ``beta`` is a
+    buffer (saved with the model). Inference feature: dropping pairs makes the row count data
+    dependent (one host sync per layer). ``last_skip_fraction`` holds the share of tokens that ran one
+    expert in the last forward. Cost: the wrapped router's plus O(N) for the per-token maximum.
+    """
+
+    def __init__(self, router: Router, beta: float):
+        super().__init__(router.hidden_size, router.num_experts)
+        del self.gate
+        if getattr(router, "top_k", None) != 2:
+            raise ValueError(f"dynamic skipping needs a top-2 router, got top_k={getattr(router, 'top_k', None)}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        self.source = router
+        self.register_buffer("beta", torch.tensor(float(beta)))
+        self.last_skip_fraction: torch.Tensor | None = None
+
+    @property
+    def top_k(self) -> int:
+        return self.source.top_k
+
+    def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        self.source.layer_name = self.layer_name
+        inner = self.source.route(x, seq_len=seq_len, token_ids=token_ids)
+        weight = inner.weight.detach().float()
+        first = weight.new_zeros(inner.num_tokens).scatter_reduce(0, inner.token_index, weight, "amax")
+        keep = weight >= self.beta * first[inner.token_index]
+        kept_experts = inner.expert_index[keep]
+        skipped = inner.token_index.numel() - kept_experts.numel()
+        self.last_skip_fraction = (~keep).sum() / max(inner.num_tokens, 1)
+        return Routing(
+            token_index=inner.token_index[keep],
+            expert_index=kept_experts,
+            weight=inner.weight[keep],
+            tokens_per_expert=torch.bincount(kept_experts, minlength=self.num_experts),
+            logits=inner.logits,
+            aux_loss=inner.aux_loss,
+            num_requested=inner.num_requested - skipped,
+        )
+
+    @classmethod
+    def update_group(cls, routers: list[SkippingRouter], process_group: dist.ProcessGroup | None = None) -> None:
+        """Run the wrapped routers' per-step updates, grouped by their own class."""
+        by_class: dict[type, list[Router]] = {}
+        for router in routers:
+            by_class.setdefault(type(router.source), []).append(router.source)
+        for source_cls, sources in by_class.items():
+            source_cls.update_group(sources, process_group)
+
+
+def skipping_betas(calibration: Calibration) -> dict[str, float]:
+    """beta per layer: the median of ``w2 / w1`` over the calibration tokens that had two experts."""
+    betas = {}
+    for name, stats in calibration.layers.items():
+        if stats.top2_ratio.numel() == 0:
+            raise ValueError(f"layer '{name}' recorded no top-2 weight ratios (is it a top-2 router?)")
+        betas[name] = float(stats.top2_ratio.float().median())
+    return betas
+
+
+def enable_skipping(model: nn.Module, calibration: Calibration | None = None, betas: dict[str, float] | None = None):
+    """Wrap every top-2 MoE layer's router in a ``SkippingRouter`` and return the betas used.
+
+    Lu et al. 2024, dynamic skipping: beta per layer is the median ratio ``w2 / w1`` on calibration data
+    (``calibration``), or given explicitly (``betas``). Calibration: the recorded top-2 ratios only.
+    Cost: O(layers); at inference about half the tokens skip their second expert when beta is the median.
+    """
+    if (calibration is None) == (betas is None):
+        raise ValueError("pass exactly one of calibration= or betas=")
+    betas = skipping_betas(calibration) if calibration is not None else dict(betas)
+    layers = dict(moe_layers(model))
+    unknown = set(betas) - set(layers)
+    if unknown:
+        raise ValueError(f"unknown layers {sorted(unknown)}; MoE layers: {sorted(layers)}")
+    for name, beta in betas.items():
+        layer = layers[name]
+        if isinstance(layer.router, SkippingRouter):
+            raise TypeError(f"layer '{name}' already has a SkippingRouter")
+        wrapped = SkippingRouter(layer.router, beta)
+        wrapped.layer_name = layer.router.layer_name
+        layer.router = wrapped.to(next(wrapped.source.parameters()).device)
+    return betas
