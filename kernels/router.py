@@ -1,0 +1,50 @@
+"""``FusedTopKRouter``: the top-k router with its scoring, selection and counting in one Triton kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from moe.dispatch.fused import kernels_usable
+from moe.routers.topk import TopKRouter
+from moe.routing import Routing
+
+from .topk import topk_route
+
+
+class FusedTopKRouter(TopKRouter):
+    """``TopKRouter`` whose dropless path runs ``moe.kernels.topk_route`` and never synchronises with the host.
+
+    Same arguments, parameters and outputs as ``TopKRouter`` (state dicts are interchangeable). Capacity
+    drops and group-limited routing use the parent's pure-torch path (they sync to size the kept pairs), as
+    do inputs the kernels cannot run on (CPU without the Triton interpreter).
+    The (T, E) scores are still formed in torch for the aux losses (the parent's formulas).
+    """
+
+    def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        if self.capacity_factor is not None or self.num_groups is not None or not kernels_usable(x):
+            return super().route(x, seq_len=seq_len, token_ids=token_ids)
+        if self.training and self.jitter_eps > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        logits = self.compute_logits(x)
+        num_tokens = logits.shape[0]
+        bias = self.expert_bias if self.bias_update_rate is not None else None
+        weights, chosen, counts = topk_route(
+            logits, self.top_k, self.score_function, self.normalize_weights, self.route_scale, bias
+        )
+        counts = counts.long()
+        chosen = chosen.long()
+        if self.training and self.bias_update_rate is not None:
+            self.step_load += counts.float()
+        scores = logits.softmax(-1) if self.score_function == "softmax" else logits.sigmoid()
+        aux_loss = self._aux_loss(logits, scores, chosen, counts, seq_len or num_tokens)
+        flat_experts = chosen.flatten()
+        order = torch.argsort(flat_experts.to(torch.int32), stable=True)
+        return Routing(
+            token_index=order // self.top_k,
+            expert_index=flat_experts.index_select(0, order),
+            weight=weights.flatten().index_select(0, order),
+            tokens_per_expert=counts,
+            logits=logits,
+            aux_loss=aux_loss,
+            num_requested=order.numel(),
+        )
