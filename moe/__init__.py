@@ -7,7 +7,7 @@ Library use::
     y = layer(x); loss = task_loss + moe.aux_loss(model)
 """
 
-from moe import losses, routers
+from moe import compress, losses, routers
 from moe.layer import MoELayer, RoutingStats, aux_loss, moe_layers, name_moe_layers, update_routers
 from moe.routing import Routing
 
@@ -18,6 +18,7 @@ __all__ = [
     "Routing",
     "RoutingStats",
     "aux_loss",
+    "compress",
     "losses",
     "moe_layers",
     "name_moe_layers",

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from moe.routers import Router, build_router
+from moe.routers.base import check_positive_int
 from moe.routing import Routing, group_by_expert
 
 
@@ -34,8 +35,11 @@ class MergedRouter(Router):
 
     Args:
         num_experts: G, the number of merged experts.
-        expert_to_group: (E,) group of each original expert, every group in [0, G) used.
-        router: the original router (instance, E experts) or a router name built with ``router_kwargs``.
+        expert_to_group: (E,) group of each original expert, every group in [0, G) used. When None,
+            ``source_experts`` gives E and the map starts as ``e mod G`` until a saved map is loaded
+            with the state dict (how ``moe-train`` rebuilds a merged model from its config).
+        source_router: the original router (instance with E experts) or a router name built with
+            ``top_k`` (when given) and ``router_kwargs``.
 
     Cost: the wrapped router's, plus O(T*k) for the map and O(T*E) for the group logits.
     """
@@ -44,25 +48,37 @@ class MergedRouter(Router):
         self,
         hidden_size: int,
         num_experts: int,
-        expert_to_group,
-        router: str | Router = "topk",
+        expert_to_group=None,
+        source_router: str | Router = "topk",
+        *,
+        source_experts: int | None = None,
+        top_k: int | None = None,
         **router_kwargs,
     ):
         super().__init__(hidden_size, num_experts)
         del self.gate
+        if expert_to_group is None:
+            if source_experts is None:
+                raise ValueError("give expert_to_group or source_experts")
+            check_positive_int("source_experts", source_experts, minimum=num_experts)
+            expert_to_group = torch.arange(source_experts) % num_experts
         expert_to_group = torch.as_tensor(expert_to_group, dtype=torch.int64).flatten()
+        if source_experts is not None and source_experts != expert_to_group.numel():
+            raise ValueError(f"source_experts={source_experts} but expert_to_group has {expert_to_group.numel()} entries")
         used = torch.unique(expert_to_group)
         if used.numel() != num_experts or used.min() != 0 or used.max() != num_experts - 1:
             raise ValueError(
                 f"expert_to_group must use every group in [0, {num_experts}) and no other, "
                 f"got groups {used.tolist()}"
             )
-        if isinstance(router, Router):
-            if router_kwargs:
+        if isinstance(source_router, Router):
+            if router_kwargs or top_k is not None:
                 raise TypeError(f"router keyword arguments {sorted(router_kwargs)} given with a router instance")
-            source = router
+            source = source_router
         else:
-            source = build_router(router, hidden_size, expert_to_group.numel(), **router_kwargs)
+            if top_k is not None:
+                router_kwargs["top_k"] = top_k
+            source = build_router(source_router, hidden_size, expert_to_group.numel(), **router_kwargs)
         if source.num_experts != expert_to_group.numel() or source.hidden_size != hidden_size:
             raise ValueError(
                 f"router has num_experts={source.num_experts}, hidden_size={source.hidden_size}; "
