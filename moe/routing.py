@@ -16,7 +16,7 @@ class Routing:
         expert_index: (N,) int64, the expert of each pair, non-decreasing.
         weight: (N,) float32 combine weight, differentiable where the router allows.
         tokens_per_expert: (E,) int64 count of pairs per expert.
-        logits: (T, E) float32 router logits.
+        logits: (T, E) float32 router logits (weight and logits are float64 for float64 input).
         aux_loss: scalar tensor, the router's already-weighted auxiliary losses (0 when none).
         num_requested: pairs the router wanted before capacity drops (for the dropped fraction).
     """
@@ -45,6 +45,16 @@ class Routing:
         return 1.0 - self.token_index.numel() / self.num_requested
 
 
+def count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 number of entries of ``expert_index`` equal to each expert.
+
+    Same result as ``torch.bincount(expert_index, minlength=E)``, without bincount's host sync on
+    CUDA (it reads the maximum to size its output). Indices must lie in [0, E).
+    """
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_index.device)
+    return counts.scatter_add_(0, expert_index, torch.ones_like(expert_index))
+
+
 def group_by_expert(
     token_index: torch.Tensor,
     expert_index: torch.Tensor,
@@ -61,7 +71,7 @@ def group_by_expert(
         token_index=token_index[order],
         expert_index=expert_index,
         weight=weight[order],
-        tokens_per_expert=torch.bincount(expert_index, minlength=num_experts),
+        tokens_per_expert=count_per_expert(expert_index, num_experts),
         logits=logits,
         aux_loss=aux_loss,
         num_requested=token_index.numel() if num_requested is None else num_requested,

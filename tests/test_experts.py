@@ -101,3 +101,15 @@ def test_bad_names_list_the_valid_choices():
         GroupedExperts(4, 8, 8, "tanh")
     with pytest.raises(ValueError, match="num_experts must be >= 1, got 0"):
         GroupedExperts(0, 8, 8, "gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_grouped_equals_loop_on_cuda_in_bf16(activation):
+    grouped, loop = make_pair(activation, hidden=64, ffn=128)
+    grouped, loop = grouped.cuda().to(torch.bfloat16), loop.cuda().to(torch.bfloat16)
+    counts = torch.tensor([40, 0, 24, 1], device="cuda")
+    x = torch.randn(65, 64, device="cuda", dtype=torch.bfloat16)
+    upstream = torch.randn(65, 64, device="cuda", dtype=torch.bfloat16)
+    for got, want in zip(forward_backward(grouped, x, counts, upstream), forward_backward(loop, x, counts, upstream)):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)

@@ -215,3 +215,29 @@ def test_bf16_layer_runs_with_float32_routing():
     routing = layer.router(x.reshape(-1, 8))
     y = layer(x)
     assert y.dtype == torch.bfloat16 and routing.logits.dtype == torch.float32 and routing.weight.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("router_kwargs", [{}, {"score_function": "sigmoid", "num_groups": 4, "groups_kept": 2}])
+def test_dropless_forward_and_backward_do_not_sync_the_host(router_kwargs):
+    layer = moe.MoELayer(64, 128, 8, top_k=2, jitter_eps=0.01, bias_update_rate=1e-3, **router_kwargs)
+    layer = layer.cuda().to(torch.bfloat16)
+    x = torch.randn(4, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x)  # warm-up outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x)
+        (y.float().square().mean() + moe.aux_loss(layer)).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.gpu
+def test_cuda_layer_matches_cpu_layer():
+    layer = moe.MoELayer(64, 128, 8, top_k=2, experts="grouped")
+    x = torch.randn(50, 64)
+    expected = layer(x)
+    got = layer.cuda()(x.cuda())
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)

@@ -15,7 +15,7 @@ from moe.routers.base import (
     check_positive_int,
     check_top_k,
 )
-from moe.routing import Routing, group_by_expert
+from moe.routing import Routing, count_per_expert, group_by_expert
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probability", "position")
@@ -153,7 +153,7 @@ class TopKRouter(Router):
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights * self.route_scale
 
-        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        counts = count_per_expert(chosen.flatten(), self.num_experts)
         if self.training and self.bias_update_rate is not None:
             self.step_load += counts.float()
         aux_loss = self._aux_loss(logits, scores, chosen, counts, seq_len or num_tokens)
@@ -173,7 +173,7 @@ class TopKRouter(Router):
             order = torch.argsort(priority, descending=True, stable=True)
         order = order[torch.argsort(expert_index[order], stable=True)]
         sorted_experts = expert_index[order]
-        counts = torch.bincount(sorted_experts, minlength=self.num_experts)
+        counts = count_per_expert(sorted_experts, self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
         order = order[rank < capacity]
@@ -182,7 +182,7 @@ class TopKRouter(Router):
             token_index=token_index[order],
             expert_index=kept_experts,
             weight=weight[order],
-            tokens_per_expert=torch.bincount(kept_experts, minlength=self.num_experts),
+            tokens_per_expert=count_per_expert(kept_experts, self.num_experts),
             logits=logits,
             aux_loss=aux_loss,
             num_requested=token_index.numel(),
