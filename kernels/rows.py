@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 GATHER_BLOCK_ROWS = 4
-SEGMENT_BLOCK_TOKENS = 4
 
 
 def _block_cols(width: int) -> int:
@@ -66,29 +65,25 @@ def _segment_sum_kernel(
     rows_ptr,
     seg_ptr,
     out_ptr,
-    num_tokens,
     width,
     src_stride,
     out_stride,
     HAS_WEIGHT: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
+    token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_mask = cols < width
-    for i in range(BLOCK_TOKENS):
-        token = tl.program_id(0) * BLOCK_TOKENS + i
-        if token < num_tokens:
-            begin = tl.load(seg_ptr + token)
-            end = tl.load(seg_ptr + token + 1)
-            acc = tl.zeros([BLOCK_COLS], dtype=tl.float32)
-            for p in range(begin, end):
-                row = tl.load(rows_ptr + p).to(tl.int64)
-                values = tl.load(src_ptr + row * src_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-                if HAS_WEIGHT:
-                    values = values * tl.load(weight_ptr + row).to(tl.float32)
-                acc += values
-            tl.store(out_ptr + token.to(tl.int64) * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+    begin = tl.load(seg_ptr + token)
+    end = tl.load(seg_ptr + token + 1)
+    acc = tl.zeros([BLOCK_COLS], dtype=tl.float32)
+    for p in range(begin, end):
+        row = tl.load(rows_ptr + p).to(tl.int64)
+        values = tl.load(src_ptr + row * src_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            values = values * tl.load(weight_ptr + row).to(tl.float32)
+        acc += values
+    tl.store(out_ptr + token.to(tl.int64) * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 def gather_rows(
@@ -152,19 +147,17 @@ def segment_sum(
     if num_tokens == 0:
         return out
     block_cols = _block_cols(width)
-    grid = (triton.cdiv(num_tokens, SEGMENT_BLOCK_TOKENS), triton.cdiv(width, block_cols))
+    grid = (num_tokens, triton.cdiv(width, block_cols))
     _segment_sum_kernel[grid](
         src,
         weight if weight is not None else src,
         rows,
         segment_ptr,
         out,
-        num_tokens,
         width,
         src.stride(0),
         out.stride(0),
         HAS_WEIGHT=weight is not None,
-        BLOCK_TOKENS=SEGMENT_BLOCK_TOKENS,
         BLOCK_COLS=block_cols,
     )
     return out
