@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -85,7 +87,8 @@ class MergedRouter(Router):
                 f"expert_to_group has {expert_to_group.numel()} entries, hidden_size={hidden_size}"
             )
         self.source = source
-        self.register_buffer("expert_to_group", expert_to_group.to(source.gate.weight.device))
+        device = next(itertools.chain(source.parameters(), source.buffers())).device
+        self.register_buffer("expert_to_group", expert_to_group.to(device))
 
     @property
     def top_k(self) -> int:

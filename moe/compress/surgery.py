@@ -9,7 +9,7 @@ from torch import nn
 
 from moe.compress.merged_router import MergedRouter
 from moe.layer import MoELayer
-from moe.routers import Router
+from moe.routers import HashRouter, ReLURouter, Router
 
 
 def check_expert_indices(indices: Sequence[int], num_experts: int, what: str) -> list[int]:
@@ -38,11 +38,17 @@ def slice_router(router: Router, keep: list[int]) -> None:
     """Keep only experts ``keep`` in ``router``: its gate rows and every per-expert buffer, in place.
 
     Per-expert state is any buffer or parameter whose leading dimension is E (e.g. TopKRouter's
-    ``expert_bias``); 0-dim state (ReLU routing's lambda) is per layer and kept. Anything else, or a
-    router whose expert count is baked into its structure (group-limited routing), raises.
+    ``expert_bias``); 0-dim state (ReLU routing's lambda) is per layer and kept; ReLU routing's target
+    sparsity ``1 - k/E`` follows the new E. Anything else, or a router whose expert count is baked into
+    its structure (group-limited routing, hash tables), raises.
     """
     old = router.num_experts
     _check_top_k(router, len(keep))
+    if isinstance(router, HashRouter):
+        raise TypeError(
+            f"layer '{router.layer_name}' uses hash routing: its fixed token -> expert table would leave the "
+            "tokens of removed experts without an expert"
+        )
     if getattr(router, "num_groups", None) is not None:
         raise ValueError(
             f"layer '{router.layer_name}' uses group-limited routing (num_groups={router.num_groups}); "
@@ -71,6 +77,8 @@ def slice_router(router: Router, keep: list[int]) -> None:
     if isinstance(getattr(router, "gate", None), nn.Linear):
         router.gate.out_features = len(keep)
     router.num_experts = len(keep)
+    if isinstance(router, ReLURouter):
+        router.target_sparsity = 1.0 - router.top_k / len(keep)
 
 
 def _check_local(layer: MoELayer) -> None:
