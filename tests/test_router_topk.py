@@ -269,6 +269,7 @@ def test_aux_loss_is_the_weighted_sum_of_the_three_losses(score_function):
         ({"num_groups": 3, "groups_kept": 1}, "num_groups=3"),
         ({"num_groups": 2, "groups_kept": 3}, "groups_kept"),
         ({"num_groups": 2}, "groups_kept"),
+        ({"num_groups": 2, "groups_kept": 0}, "groups_kept must be >= 1"),
         ({"num_groups": 4, "groups_kept": 1, "top_k": 2}, "top_k=2"),
         ({"bias_update_rate": 0.0}, "bias_update_rate"),
         ({"jitter_eps": 1.0}, "jitter_eps"),
@@ -278,3 +279,8 @@ def test_bad_arguments_raise_naming_the_value(kwargs, match):
     kwargs = {"top_k": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         TopKRouter(8, 4, **kwargs)
+
+
+def test_groups_kept_must_be_an_int():
+    with pytest.raises(TypeError, match="groups_kept must be an int"):
+        TopKRouter(8, 4, 2, num_groups=2, groups_kept=1.5)

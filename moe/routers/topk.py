@@ -99,7 +99,8 @@ class TopKRouter(Router):
             check_positive_int("num_groups", num_groups)
             if num_experts % num_groups != 0:
                 raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
-            if not 1 <= groups_kept <= num_groups:
+            check_positive_int("groups_kept", groups_kept)
+            if groups_kept > num_groups:
                 raise ValueError(f"groups_kept must be in [1, num_groups={num_groups}], got {groups_kept}")
             if groups_kept * (num_experts // num_groups) < top_k:
                 raise ValueError(
