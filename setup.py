@@ -15,11 +15,13 @@ setup(
     # Any torch >= 2.8 (torch._grouped_mm) is kept as installed: a GPU user's CUDA build stays.
     install_requires=["torch>=2.8", "einops>=0.7", "numpy"],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "scipy>=1.10", "ruff", "pytest-timeout"],
+        "dev": ["pytest>=8", "hypothesis>=6", "scipy>=1.10", "ruff", "pytest-timeout", "transformers>=5"],
         "train": ["hydra-core>=1.3", "wandb", "tqdm", "matplotlib", "safetensors"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
         "deepspeed": ["deepspeed"],
         "megablocks": ["megablocks"],
+        "compress": ["scipy>=1.10"],
+        "hf": ["transformers>=5", "scipy>=1.10"],
     },
     entry_points={
         "console_scripts": [
