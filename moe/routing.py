@@ -31,10 +31,12 @@ class Routing:
 
     @property
     def num_tokens(self) -> int:
+        """T, the number of routed tokens."""
         return self.logits.shape[0]
 
     @property
     def num_experts(self) -> int:
+        """E, the number of experts."""
         return self.logits.shape[1]
 
     @property

@@ -23,4 +23,5 @@ class DenseMLP(nn.Module):
         self.w_out = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., H)."""
         return self.w_out(activate(self.w_in(x), self.activation))

@@ -46,6 +46,7 @@ class ExpertMLP(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Normal init with std 1/sqrt(fan_in) for both projections."""
         nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.hidden_size))
         nn.init.normal_(self.w_out, std=1.0 / math.sqrt(self.ffn_hidden_size))
 
@@ -84,6 +85,7 @@ class GroupedExperts(ExpertMLP):
     """
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Rows (N, H) grouped by expert, counts (E,) -> expert outputs (N, H); no host sync."""
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         w_in, w_out = self._aligned_weights(x.dtype)
         hidden = w_out.shape[-1]
@@ -112,6 +114,7 @@ class LoopExperts(ExpertMLP):
     """Readable reference: one dense MLP call per expert (syncs to split rows; any dtype)."""
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Rows (N, H) grouped by expert, counts (E,) -> expert outputs (N, H), one matmul pair per expert."""
         chunks = x.split(tokens_per_expert.tolist())
         outputs = [
             activate(chunk @ self.w_in[e].to(x.dtype), self.activation) @ self.w_out[e].to(x.dtype)

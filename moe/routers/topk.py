@@ -142,6 +142,7 @@ class TopKRouter(Router):
         return selection.topk(self.top_k, dim=-1).indices
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        """Top-k pairs grouped by expert, with capacity drops and the weighted aux losses."""
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         logits = self.compute_logits(x)
