@@ -49,9 +49,12 @@ class TopKRouter(Router):
             updated by ``step_update`` once per optimizer step, never by the optimizer.
         load_balancing_coef, z_loss_coef, sequence_balance_coef: weights of the Switch
             load-balancing loss (1e-2), the ST-MoE z-loss (1e-3) and the DeepSeek-V3 sequence-wise
-            balance loss (0; V3 uses 1e-4 together with the bias).
+            balance loss (0; V3 uses 1e-4 together with the bias). Sigmoid scores are normalised to
+            sum to 1 per token inside the balance losses. The counts are taken before capacity drops.
 
-    Cost: one (T, H) x (H, E) GEMM plus O(T * E) elementwise work and a sort of T * k pairs.
+    Cost: one (T, H) x (H, E) GEMM plus O(T * E) elementwise work and a sort of T * k pairs. No host
+    sync when dropless; with a capacity factor the kept pairs are selected by a boolean mask, whose
+    data-dependent size synchronises once per forward on CUDA.
     """
 
     def __init__(
