@@ -16,7 +16,15 @@ See docs/distributed.md.
 """
 
 from moe.dispatch.expert_parallel import ExpertParallelDispatcher, all_to_all
-from moe.parallel.grads import all_reduce_gradients
+from moe.parallel.checkpoint import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    gather_expert_tensor,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    shard_state_dict,
+)
+from moe.parallel.grads import all_reduce_gradients, clip_grad_norm_
 from moe.parallel.groups import (
     ExpertParallelGroups,
     check_layout,
@@ -29,11 +37,7 @@ from moe.parallel.sharding import (
     expert_parallel_layers,
     expert_parameter_names,
     expert_parameters,
-    full_state_dict,
-    gather_expert_tensor,
-    load_full_state_dict,
     shard_experts,
-    shard_state_dict,
     to_expert_parallel,
 )
 
@@ -43,15 +47,18 @@ __all__ = [
     "all_reduce_gradients",
     "all_to_all",
     "check_layout",
+    "clip_grad_norm_",
     "ep_group_ranks",
     "expert_data_group_ranks",
     "expert_parallel_layer",
     "expert_parallel_layers",
     "expert_parameter_names",
     "expert_parameters",
+    "full_optimizer_state_dict",
     "full_state_dict",
     "gather_expert_tensor",
     "init_expert_parallel",
+    "load_full_optimizer_state_dict",
     "load_full_state_dict",
     "shard_experts",
     "shard_state_dict",

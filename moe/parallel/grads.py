@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe.parallel.groups import ExpertParallelGroups
 from moe.parallel.sharding import expert_parameters
@@ -49,3 +50,39 @@ def all_reduce_gradients(
         _all_reduce_flat(expert_grads, groups.expert_data_group, scale)
     if dense and dense_grads:
         _all_reduce_flat(dense_grads, groups.data_group, scale)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ExpertParallelGroups | None) -> torch.Tensor:
+    """Clip all gradients by their global L2 norm and return that norm (a 0-d float32 tensor, no host sync).
+
+    The norm covers every parameter once: replicated gradients count locally, FSDP2 (DTensor) shards are
+    summed over their mesh, sharded experts over the EP group. Every rank gets the same norm, so
+    replicated parameters stay identical. Call after ``all_reduce_gradients``. Collective.
+    """
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    replicated, sharded, experts = (torch.zeros((), device=device, dtype=torch.float32) for _ in range(3))
+    mesh_group = None
+    for param in model.parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            mesh_group = grad.device_mesh.get_group()
+            sharded += grad.to_local().float().square().sum()
+        elif id(param) in expert_ids:
+            experts += grad.float().square().sum()
+        else:
+            replicated += grad.float().square().sum()
+    if mesh_group is not None:
+        dist.all_reduce(sharded, group=mesh_group)
+    if expert_ids and groups is not None:
+        dist.all_reduce(experts, group=groups.ep_group)
+    total = (replicated + sharded + experts).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coef.to(grad.dtype))
+    return total
