@@ -21,7 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOGGERS = ("console", "wandb")
 PROGRESS = ("auto", "bar", "lines")
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp")
 
 
 def _choice(key: str, value, choices) -> None:
@@ -216,15 +216,16 @@ class TrainerSchema:
 
 @dataclass
 class ParallelSchema:
-    """Parallelism beyond data parallel; expert parallelism is not implemented yet (``ep_size`` must be 1)."""
+    """Expert parallelism: each MoE layer's experts are split over ``ep_size`` consecutive ranks.
+
+    The world size must be a multiple of ``ep_size`` and every layer's expert count divisible by it
+    (checked at start-up, when the world size is known). See docs/distributed.md.
+    """
 
     ep_size: int = 1
 
     def __post_init__(self):
-        if self.ep_size != 1:
-            raise ValueError(
-                f"parallel.ep_size={self.ep_size!r} is not supported yet; valid: 1 (expert parallelism has not landed)"
-            )
+        _at_least("parallel.ep_size", self.ep_size, 1)
 
 
 @dataclass

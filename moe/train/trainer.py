@@ -35,6 +35,7 @@ from moe.train.checkpoint import (
 )
 from moe.train.config import TrainConfig, architecture, to_dict
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
+from moe.train.parallel import ParallelPlan
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,14 +103,14 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     )
 
 
-def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
-    """Apply the data-parallel strategy (``trainer.strategy``); the one place where the model gets wrapped."""
-    if not ctx.distributed:
-        return model
-    if cfg.trainer.strategy == "ddp":
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=ctx.process_group)
-    raise ValueError(f"trainer.strategy={cfg.trainer.strategy!r} is not valid; valid: ['ddp']")
+def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> tuple[nn.Module, nn.Module, ParallelPlan]:
+    """Apply ``parallel.ep_size`` and ``trainer.strategy`` (moe.train.parallel); the one place the model is wrapped.
+
+    Returns (model as trained, the unwrapped model, the plan); call it before building the optimizer.
+    """
+    plan = ParallelPlan(cfg.trainer.strategy, cfg.parallel.ep_size, ctx.world_size, ctx.device)
+    model = plan.prepare(model)
+    return plan.wrap(model), model, plan
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -247,7 +248,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
 
     splits = prepare_data(cfg, ctx)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
-    raw_model = build_model(cfg, vocab_size).to(ctx.device)
+    model, raw_model, plan = wrap_model(build_model(cfg, vocab_size).to(ctx.device), cfg, ctx)
     optimizer = build_optimizer(raw_model, cfg)
     decay_steps = cfg.optim.decay_steps or t_cfg.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -262,13 +263,12 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         check_architecture(state["architecture"], arch, resume_from)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        plan.load_model_state(raw_model, state["model"])
+        plan.load_optimizer_state(raw_model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step, tokens_seen, last_ckpt = state["step"], state["tokens_seen"], resume_from
-    model = wrap_model(raw_model, cfg, ctx)
     layers = moe.moe_layers(raw_model)
     layer_names = [name for name, _ in layers]
 
@@ -284,10 +284,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
 
     def save(at_step: int) -> Path:
         path = checkpoint_path(ckpt_dir, at_step)
+        model_state, optimizer_state = plan.model_state(raw_model), plan.optimizer_state(raw_model, optimizer)
         if ctx.is_main:
             state = {
-                "step": at_step, "tokens_seen": tokens_seen, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": at_step, "tokens_seen": tokens_seen, "model": model_state,
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "sampler": sampler.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
                 "architecture": arch, "world_size": ctx.world_size,
             }
@@ -328,7 +329,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
                     f"non-finite values at step {step + 1}: {error}; last good checkpoint: {last_ckpt or 'none'}"
                 ) from error
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
+            plan.finish_gradients(raw_model)
+            grad_norm = plan.clip_grad_norm(raw_model, clip)
             step_stats[2] = (~torch.isfinite(step_stats[0] + step_stats[1] + grad_norm.double())).double()
             step_stats[3] = float(stop.received)
             if ctx.distributed:
@@ -392,8 +394,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
         "last_checkpoint": str(last_ckpt) if last_ckpt else None,
         "stopped_by": stopped_by,
     }
+    export_model = plan.export_model(raw_model, lambda: build_model(cfg, vocab_size), ctx.is_main)
     if ctx.is_main:
-        _finish(cfg, raw_model, run_dir, summary, arch, logger)
+        _finish(cfg, export_model, run_dir, summary, arch, logger)
     logger.close()
     return summary
 
