@@ -88,8 +88,8 @@ def test_aux_loss_is_the_weighted_z_loss_and_zero_by_default():
 
 
 def test_gradcheck_router_weights_in_float64():
-    router = ExpertChoiceRouter(6, 3, capacity_factor=1.5).double()
-    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    router = ExpertChoiceRouter(4, 3, capacity_factor=1.5).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     gate = router.gate.weight.detach().clone().requires_grad_()
 
     def weights(inp, w):

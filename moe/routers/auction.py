@@ -71,7 +71,8 @@ def balanced_assignment(affinity: torch.Tensor, epsilon: float | None = None) ->
     ``max((max a - min a) / 50, 1e-4)`` as in fairseq's BASE layer; the result is within
     ``T * epsilon`` of the best balanced assignment, and in practice within about 0.2% (random
     Gaussian affinities, T up to 16384, E up to 64). A smaller epsilon gets closer at the cost of
-    more rounds (range/500: about 10x the time at E = 64 on a CPU).
+    more rounds (range/500: about 10x the time at E = 64 on a CPU). Host syncs: one to read the
+    default epsilon's range, then one every few auction rounds.
     """
     num_tokens, num_experts = affinity.shape
     device = affinity.device
