@@ -76,6 +76,11 @@ def test_auction_with_arbitrary_capacities_matches_scipy():
     assert values[torch.arange(12), owner].double().sum().item() == pytest.approx(best, abs=12 * 1e-5)
 
 
+def test_auction_rejects_capacities_that_do_not_fit():
+    with pytest.raises(ValueError, match="capacity"):
+        auction(torch.randn(5, 2), torch.tensor([2, 2]), epsilon=0.1)
+
+
 def test_training_routes_every_token_once_with_balanced_load_and_sigmoid_weights():
     router = BASERouter(16, 4)
     with torch.no_grad():

@@ -20,20 +20,26 @@ def auction(values: torch.Tensor, capacity: torch.Tensor, epsilon: float) -> tor
     sums to P. Returns the owner (P,) int64.
 
     Each round costs O(P * O + P log P) on the tensor's device; every few rounds one host sync
-    checks for convergence. The epsilon-complementary-slackness argument: a person's bid is the
+    checks for convergence (plus one at the start for the value range). The epsilon-complementary-slackness argument: a person's bid is the
     price it saw plus its margin over its second-best object plus epsilon; an object's price is the
     lowest bid among its holders once full, so prices only rise and each holder stays within
     epsilon of its best object at the final prices.
     """
     num_persons, num_objects = values.shape
     device = values.device
+    if int(capacity.sum()) != num_persons or bool((capacity < 1).any()):
+        raise ValueError(f"capacity must be >= 1 per object and sum to P={num_persons}, got {capacity.tolist()}")
     if num_objects == 1:
         return torch.zeros(num_persons, dtype=torch.long, device=device)
     price = values.new_zeros(num_objects)
     owner = torch.full((num_persons,), -1, dtype=torch.long, device=device)
     bid = torch.full((num_persons,), float("-inf"), dtype=values.dtype, device=device)
     positions = torch.arange(num_persons, device=device)
-    max_rounds = 100 * num_persons + 1000  # far above what epsilon-bounded price rises need
+    finite = values[torch.isfinite(values)]
+    spread = (finite.max() - finite.min()).item()
+    # Each round accepts at least one bid and an object's price rises at most spread + epsilon above
+    # its first accepted bid, so the rounds are bounded by about P * (spread / epsilon + 2).
+    max_rounds = 2 * num_persons * (math.ceil(spread / epsilon) + 2)
     for round_index in range(max_rounds):
         if round_index % _CHECK_EVERY == 0 and not bool((owner < 0).any()):
             return owner
