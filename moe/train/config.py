@@ -268,8 +268,9 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     """Return ``cfg`` as a checked ``TrainConfig``; raises ValueError naming the first bad key."""
     if isinstance(cfg, TrainConfig):
         cfg = OmegaConf.structured(cfg)
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    return OmegaConf.to_object(merged)
+    # Through plain containers: a key forced in with Hydra's "+key=value" must still meet the schema.
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), plain))
 
 
 def to_dict(cfg: TrainConfig) -> dict:

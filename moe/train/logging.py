@@ -10,10 +10,11 @@ from pathlib import Path
 
 def format_train_record(record: dict) -> str:
     """One human-readable line for a training record."""
+    imbalance = record["load_imbalance"]
     return (
         f"step {record['step']:>6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"aux {record['aux_loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"load max/mean {record['load_imbalance']:.2f}"
+        f"load max/mean {'-' if imbalance is None else format(imbalance, '.2f')}"
     )
 
 
@@ -58,10 +59,7 @@ class RunLogger:
             self.wandb_run.log({f"{record['kind']}/{k}": v for k, v in flat.items()}, step=record["step"])
         if record["kind"] == "train":
             if self.bar is not None:
-                self.bar.set_postfix_str(
-                    f"loss {record['loss']:.3f} aux {record['aux_loss']:.3f} "
-                    f"{record['tokens_per_s']:,.0f} tok/s load {record['load_imbalance']:.2f}"
-                )
+                self.bar.set_postfix_str(format_train_record(record).split(" | ", 1)[1])
             else:
                 print(format_train_record(record), flush=True)
         elif record["kind"] == "eval":

@@ -16,6 +16,7 @@ One ``ParallelPlan`` per run decides, from the strategy and the expert-parallel 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 
 import torch
@@ -162,3 +163,19 @@ class ParallelPlan:
         single.load_state_dict(state)
         return single
 
+
+def export_submitit_env() -> bool:
+    """Inside a hydra-submitit-launcher job with several tasks (no torchrun), export ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from the job's environment for ``env://`` set-up.
+
+    Returns whether it exported anything (not under torchrun, not outside submitit, not for one task).
+    """
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    environment = TorchDistributedEnvironment()
+    if environment.world_size <= 1:
+        return False
+    environment.export(set_cuda_visible_devices=False)
+    return True

@@ -35,7 +35,7 @@ from moe.train.checkpoint import (
 )
 from moe.train.config import TrainConfig, architecture, to_dict
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
-from moe.train.parallel import ParallelPlan
+from moe.train.parallel import ParallelPlan, export_submitit_env
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,6 +62,7 @@ class DistContext:
 
 def setup_distributed(device_choice: str) -> DistContext:
     """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group (NCCL on GPU, gloo on CPU)."""
+    export_submitit_env()
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     if device_choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device='cuda' but no CUDA device is available; valid here: auto, cpu")

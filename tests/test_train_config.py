@@ -1,0 +1,134 @@
+"""moe-train configuration: every group option composes and validates; bad keys and values fail naming them."""
+
+import math
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from moe.train import CONFIG_DIR
+from moe.train.config import TrainConfig, architecture, register_configs, validate
+from moe.train.trainer import WarmupCosine
+
+GROUPS = {
+    "model": ["tiny", "small", "dense"],
+    "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash"],
+    "experts": ["grouped", "loop"],
+    "data": ["stdlib"],
+    "optim": ["adamw"],
+    "trainer": ["default"],
+    "logger": ["console", "wandb"],
+}
+
+
+def _compose(overrides=(), hydra_config=False):
+    register_configs()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def test_group_files_match_the_listed_options():
+    for group, options in GROUPS.items():
+        on_disk = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        assert on_disk == sorted(options + (["text", "bin"] if group == "data" else [])), group
+
+
+def test_default_composes_to_the_tiny_topk_model():
+    cfg = validate(_compose())
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.router.name, cfg.experts.impl, cfg.data.source, cfg.logger.name) == ("topk", "grouped", "stdlib", "console")
+    assert cfg.model.num_experts == 4 and cfg.model.moe_every == 1
+    assert cfg.trainer.resume == "auto" and cfg.parallel.ep_size == 1
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = validate(_compose([f"{group}={option}"]))
+    if group == "router":
+        assert cfg.router.name == option
+    if group == "experts":
+        assert cfg.experts.impl == option
+
+
+def test_dense_model_has_the_tiny_models_active_ffn_width():
+    tiny, dense = validate(_compose(["model=tiny"])).model, validate(_compose(["model=dense"])).model
+    assert dense.moe_every == 0
+    assert dense.ffn_hidden_size == tiny.top_k * tiny.ffn_hidden_size
+    assert (dense.hidden_size, dense.num_layers, dense.num_heads) == (tiny.hidden_size, tiny.num_layers, tiny.num_heads)
+
+
+def test_public_keys_override():
+    cfg = validate(_compose([
+        "trainer.max_steps=7", "trainer.seed=3", "trainer.log_interval=2", "trainer.eval_interval=5",
+        "trainer.ckpt_interval=4", "trainer.resume=none", "router=relu", "model=dense", "data=stdlib",
+    ]))
+    t = cfg.trainer
+    assert (t.max_steps, t.seed, t.log_interval, t.eval_interval, t.ckpt_interval, t.resume) == (7, 3, 2, 5, 4, "none")
+    assert cfg.router.name == "relu" and cfg.model.moe_every == 0
+
+
+def test_slurm_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = _compose(["hydra/launcher=slurm"], hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_step"):
+        _compose(["trainer.max_step=5"])
+    with pytest.raises(Exception, match="trainer.bogus"):
+        validate(_compose(["+trainer.bogus=5"]))
+
+
+def test_unknown_group_option_lists_the_choices():
+    with pytest.raises(MissingConfigException) as error:
+        _compose(["router=nope"])
+    for name in ("topk", "expert_choice", "relu", "base"):
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.device=tpu", r"trainer.device='tpu'.*\['auto', 'cpu', 'cuda'\]"),
+        ("trainer.precision=fp8", r"trainer.precision='fp8'.*\['auto', 'fp32', 'bf16'\]"),
+        ("trainer.max_steps=0", r"trainer.max_steps=0.*>= 1"),
+        ("trainer.log_interval=-1", r"trainer.log_interval=-1"),
+        ("trainer.strategy=fsdp", r"trainer.strategy='fsdp'.*\['ddp'\]"),
+        ("parallel.ep_size=2", r"parallel.ep_size=2.*valid: 1"),
+        ("optim.lr=-1", r"optim.lr=-1"),
+        ("optim.betas=[0.9]", r"optim.betas"),
+        ("model.top_k=5", r"model.top_k=5.*model.num_experts=4"),
+        ("model.num_heads=3", r"model.hidden_size=128.*model.num_heads=3"),
+        ("model.activation=tanh", r"model.activation='tanh'.*swiglu"),
+        ("logger.progress=fancy", r"logger.progress='fancy'.*\['auto', 'bar', 'lines'\]"),
+        ("data=text", r"data.path is required"),
+        ("+router.kwargs.not_an_arg=1", r"router.kwargs.not_an_arg.*'topk'.*load_balancing_coef"),
+    ],
+)
+def test_invalid_values_fail_naming_key_and_choices(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(_compose([override]))
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_steps"):
+        _compose(["trainer.max_steps=many"])
+
+
+def test_architecture_holds_shape_keys_not_loop_keys():
+    cfg = validate(_compose(["trainer.max_steps=3", "+router.kwargs.jitter_eps=0.01"]))
+    arch = architecture(cfg, 256)
+    assert arch["model.hidden_size"] == 128 and arch["router.name"] == "topk"
+    assert arch["router.kwargs.jitter_eps"] == 0.01 and arch["data.vocab_size"] == 256
+    assert not any(key.startswith(("trainer.", "optim.", "data.batch")) for key in arch)
+
+
+def test_warmup_cosine_matches_its_formula():
+    schedule = WarmupCosine(warmup=10, decay_steps=110, floor=0.1)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    for step in (10, 35, 60, 110):
+        progress = (step - 10) / 100
+        assert schedule(step) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert schedule(500) == pytest.approx(0.1)
