@@ -136,3 +136,9 @@ def test_property_counts_and_contract(num_tokens, num_experts, hidden, capacity_
     for e in range(num_experts):  # no token twice for one expert
         tokens = routing.token_index[routing.expert_index == e]
         assert tokens.unique().numel() == tokens.numel()
+
+
+@pytest.mark.parametrize("z_loss_coef,error", [(-1e-3, ValueError), (float("nan"), ValueError), ("0.1", TypeError)])
+def test_bad_z_loss_coef_raises_naming_it(z_loss_coef, error):
+    with pytest.raises(error, match="z_loss_coef"):
+        ExpertChoiceRouter(16, 4, z_loss_coef=z_loss_coef)
