@@ -78,3 +78,20 @@ def test_plan_rejects_bad_layouts():
         ParallelPlan("ddp", 4, 2, torch.device("cpu"))
     with pytest.raises(ValueError, match="trainer.strategy='zero9' is not valid"):
         ParallelPlan("zero9", 1, 2, torch.device("cpu"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_submitit_tasks_train_expert_parallel(tmp_path, ddp_reference):
+    """hydra-submitit-launcher with two tasks (local executor, the SLURM one's twin) runs EP without torchrun."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "moe.train", "-m", "hydra/launcher=submitit_local",
+               "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=0", "hydra.launcher.timeout_min=5",
+               f"hydra.sweep.dir={sweep}", *SMALL, f"data.batch_size={GLOBAL_BATCH // 2}", "parallel.ep_size=2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (sweep / "0" / "metrics.jsonl").read_text().splitlines()]
+    _assert_same_curve([(r["step"], r["loss"]) for r in records if r["kind"] == "train"], ddp_reference,
+                       "submitit 2 tasks, ep_size=2 vs torchrun ddp")
