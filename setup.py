@@ -19,7 +19,6 @@ setup(
         "train": ["hydra-core>=1.3", "wandb", "tqdm", "matplotlib", "safetensors"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
         "deepspeed": ["deepspeed"],
-        "megablocks": ["megablocks"],
         "compress": ["scipy>=1.10"],
         "hf": ["transformers>=5", "scipy>=1.10"],
     },
