@@ -1,0 +1,253 @@
+"""``moe-compress``: prune or merge the experts of a ``moe-train`` checkpoint and measure what it cost.
+
+It reads a checkpoint (never modifying it), calibrates on training batches, compresses, evaluates the
+validation loss before and after exactly as ``moe-train`` does, and writes into its run directory:
+
+- ``checkpoints/ckpt-<step>.pt`` (+ ``.sha256``): a ``moe-train`` checkpoint of the compressed model
+  (model, fresh AdamW moments with the source's hyper-parameters, scheduler, sampler and RNG state);
+- ``config.yaml``: the compressed model's full ``moe-train`` config, resuming from that checkpoint;
+- ``summary.json``: validation loss and parameter counts before and after, active parameters per
+  token, the kept experts or groups per layer, and timings.
+
+Resume or evaluate with ``moe-train --config-path <run dir> --config-name config`` (add
+``trainer.max_steps=N`` to fine-tune further).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from moe.compress.calibration import calibrate
+from moe.compress.merge import LINKAGES, MERGE_METHODS, merge
+from moe.compress.merged_router import MergedRouter
+from moe.compress.prune import PRUNE_METHODS, prune
+from moe.layer import moe_layers
+
+ACTIONS = ("prune", "merge")
+
+
+@dataclass
+class CompressConfig:
+    """``moe-compress`` settings.
+
+    ``source``: a checkpoint file, or a run directory (its newest ``checkpoints/ckpt-*.pt``).
+    ``action``/``method``: ``prune`` with frequency|score|reconstruction|random, or ``merge`` with
+    msmoe|hc_smoe|average. Exactly one of ``num_experts`` (experts kept per layer) and ``fraction``.
+    ``calibration_batches`` training batches of ``calibration_batch_size`` sequences (default: the
+    source's data.batch_size) feed calibration; ``memory_budget_mb`` caps the cached layer inputs and
+    outputs. ``output``: where to write (default: the Hydra run directory); it must not hold checkpoints.
+    """
+
+    source: str = "???"
+    action: str = "prune"
+    method: str = "frequency"
+    num_experts: int | None = None
+    fraction: float | None = None
+    progressive: bool = False
+    max_subsets: int = 1000
+    linkage: str = "average"
+    align: bool | None = None
+    seed: int = 0
+    calibration_batches: int = 8
+    calibration_batch_size: int | None = None
+    memory_budget_mb: int = 256
+    device: str = "auto"
+    output: str | None = None
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"action={self.action!r} is not valid; valid: {list(ACTIONS)}")
+        methods = PRUNE_METHODS if self.action == "prune" else MERGE_METHODS
+        if self.method not in methods:
+            raise ValueError(f"method={self.method!r} is not valid for action={self.action!r}; valid: {list(methods)}")
+        if (self.num_experts is None) == (self.fraction is None):
+            raise ValueError(
+                f"give exactly one of num_experts and fraction, got num_experts={self.num_experts}, "
+                f"fraction={self.fraction}"
+            )
+        if self.num_experts is not None and self.num_experts < 1:
+            raise ValueError(f"num_experts={self.num_experts} is not valid; it must be >= 1")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction} is not valid; it must be in (0, 1]")
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage={self.linkage!r} is not valid; valid: {list(LINKAGES)}")
+        for key in ("max_subsets", "calibration_batches", "memory_budget_mb"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} is not valid; it must be >= 1")
+        if self.calibration_batch_size is not None and self.calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size={self.calibration_batch_size} is not valid; it must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is not valid; valid: ['auto', 'cpu', 'cuda']")
+
+
+def resolve_source(source: str) -> Path:
+    """The checkpoint file named by ``source``: itself, or the newest ``ckpt-*.pt`` of a run directory."""
+    from moe.train.checkpoint import list_checkpoints
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        if found:
+            return found[-1].resolve()
+        raise FileNotFoundError(f"source={source!r}: no ckpt-*.pt in {path} or {path / 'checkpoints'}")
+    raise FileNotFoundError(f"source={source!r} is neither a checkpoint file nor a run directory")
+
+
+def _compressed_config(cfg, layers) -> dict:
+    """The source's moe-train config with the new expert count (and the merged router for merges)."""
+    from moe.train.config import to_dict
+
+    counts = {layer.num_experts for _, layer in layers}
+    if len(counts) != 1:
+        raise ValueError(f"layers ended with different expert counts {sorted(counts)}; moe-train configs hold one")
+    config = to_dict(cfg)
+    config["model"]["num_experts"] = counts.pop()
+    routers = [layer.router for _, layer in layers]
+    if all(isinstance(r, MergedRouter) for r in routers):
+        sources = {r.expert_to_group.numel() for r in routers}
+        if len(sources) != 1:
+            raise ValueError(f"merged layers kept different numbers of original experts {sorted(sources)}")
+        if config["router"]["name"] != "merged":
+            config["router"]["kwargs"] = {**config["router"]["kwargs"], "source_router": config["router"]["name"]}
+            config["router"]["name"] = "merged"
+        config["router"]["kwargs"]["source_experts"] = sources.pop()
+    elif any(isinstance(r, MergedRouter) for r in routers):
+        raise ValueError("some layers are merged and some are not; moe-train configs hold one router")
+    return config
+
+
+def _counts(model) -> dict:
+    experts = sum(layer.experts.w_in.numel() + layer.experts.w_out.numel() for _, layer in moe_layers(model))
+    return {"params": model.num_params(), "active_params_per_token": model.num_active_params(),
+            "expert_params": experts}
+
+
+def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
+    """Compress ``ccfg.source`` into ``run_dir`` (see the module docstring); returns the summary."""
+    from moe.data import BatchSampler
+    from moe.train.checkpoint import atomic_write_bytes, checkpoint_path, load_checkpoint, save_checkpoint
+    from moe.train.config import architecture, validate
+    from moe.train.trainer import DistContext, build_model, build_optimizer, evaluate, prepare_data
+
+    started = time.perf_counter()
+    source = resolve_source(ccfg.source)
+    run_dir = Path(ccfg.output or run_dir).expanduser().resolve()
+    ckpt_dir = run_dir / "checkpoints"
+    if source.parent == ckpt_dir or source.parent == run_dir:
+        raise ValueError(f"output {run_dir} is the source's own directory; choose another (the source stays intact)")
+    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise FileExistsError(f"{ckpt_dir} already holds files; moe-compress never overwrites a checkpoint")
+    state = load_checkpoint(source)
+    cfg = validate(OmegaConf.create(state["config"]))
+    vocab_size = state["architecture"]["data.vocab_size"]
+    use_cuda = ccfg.device == "cuda" or (ccfg.device == "auto" and torch.cuda.is_available())
+    if ccfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available; valid here: auto, cpu")
+    device = torch.device("cuda" if use_cuda else "cpu")
+    ctx = DistContext(rank=0, world_size=1, device=device)
+    splits = prepare_data(cfg, ctx)
+    model = build_model(cfg, vocab_size)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    timings = {"load_s": time.perf_counter() - started}
+
+    before = {"val_loss": evaluate(model, cfg, splits.val, ctx), **_counts(model)}
+    timings["eval_before_s"] = time.perf_counter() - started - sum(timings.values())
+
+    sampler = BatchSampler(splits.train, ccfg.calibration_batch_size or cfg.data.batch_size, cfg.model.seq_len,
+                           seed=ccfg.seed)
+    batches = [sampler.batch(i) for i in range(ccfg.calibration_batches)]
+    calibration = calibrate(model, batches, forward=lambda m, batch: m(batch[0].to(device)),
+                            memory_budget=ccfg.memory_budget_mb * 2**20)
+    timings["calibration_s"] = time.perf_counter() - started - sum(timings.values())
+    target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
+    if ccfg.action == "prune":
+        result = prune(model, calibration, method=ccfg.method, num_experts=target, progressive=ccfg.progressive,
+                       max_subsets=ccfg.max_subsets, seed=ccfg.seed)
+    else:
+        result = merge(model, calibration, method=ccfg.method, num_experts=target, linkage=ccfg.linkage,
+                       align=ccfg.align)
+    timings["compress_s"] = time.perf_counter() - started - sum(timings.values())
+
+    new_config = _compressed_config(cfg, moe_layers(model))
+    new_cfg = validate(OmegaConf.create(new_config))
+    rebuilt = build_model(new_cfg, vocab_size)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.to(device)
+    after = {"val_loss": evaluate(rebuilt, new_cfg, splits.val, ctx), **_counts(rebuilt)}
+    timings["eval_after_s"] = time.perf_counter() - started - sum(timings.values())
+
+    step = state["step"]
+    new_path = checkpoint_path(ckpt_dir, step)
+    new_config["trainer"]["resume"] = str(new_path)
+    new_cfg = validate(OmegaConf.create(new_config))
+    optimizer_state = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+    build_optimizer(rebuilt, new_cfg).load_state_dict(optimizer_state)
+    compression = {"source": str(source), "action": ccfg.action, "method": ccfg.method,
+                   "layers": dict(result)}
+    new_state = {
+        "step": step, "tokens_seen": state["tokens_seen"], "model": rebuilt.state_dict(),
+        "optimizer": optimizer_state, "scheduler": state["scheduler"], "sampler": state["sampler"],
+        "rng": state["rng"], "config": new_config, "architecture": architecture(new_cfg, vocab_size),
+        "world_size": state["world_size"], "compression": compression,
+    }
+    save_checkpoint(ckpt_dir, step, new_state, keep=1)
+    yaml = "# moe-compress output: moe-train --config-path <this dir> --config-name config\n"
+    yaml += OmegaConf.to_yaml({"defaults": ["train_schema", "_self_"], **new_config})
+    atomic_write_bytes(run_dir / "config.yaml", yaml.encode())
+    timings["total_s"] = time.perf_counter() - started
+    summary = {
+        **compression,
+        "checkpoint": str(new_path),
+        "num_experts_before": cfg.model.num_experts,
+        "num_experts_after": new_cfg.model.num_experts,
+        "top_k": cfg.model.top_k,
+        "calibration_tokens": next(iter(calibration.layers.values())).num_tokens,
+        "before": before,
+        "after": after,
+        "val_loss_increase": after["val_loss"] - before["val_loss"],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "device": str(device),
+        "resume": f"moe-train --config-path {run_dir} --config-name config",
+    }
+    atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def _run(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from moe.train.config import register_configs
+
+    register_configs()
+    ccfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompressConfig), cfg))
+    summary = compress_checkpoint(ccfg, HydraConfig.get().runtime.output_dir)
+    before, after = summary["before"], summary["after"]
+    print(
+        f"moe-compress {summary['action']}/{summary['method']}: experts {summary['num_experts_before']} -> "
+        f"{summary['num_experts_after']}; val loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}; "
+        f"params {before['params']:,} -> {after['params']:,}; "
+        f"active/token {before['active_params_per_token']:,} -> {after['active_params_per_token']:,}\n"
+        f"checkpoint {summary['checkpoint']}\nresume     {summary['resume']}"
+    )
+
+
+def main() -> None:
+    """Console entry point: compose ``configs/compress.yaml`` with command-line overrides and compress."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    from moe.train import CONFIG_DIR
+
+    if not (CONFIG_DIR / "compress.yaml").is_file():
+        raise SystemExit(f"moe-compress: config not found at {CONFIG_DIR / 'compress.yaml'}; install editable")
+    ConfigStore.instance().store(name="compress_schema", node=CompressConfig)
+    hydra.main(config_path=str(CONFIG_DIR), config_name="compress", version_base="1.3")(_run)()
