@@ -94,7 +94,7 @@ class ExpertParallelDispatcher:
         send_splits, recv_splits = splits.cpu().tolist()
         received = all_to_all(x.index_select(0, routing.token_index), recv_splits, send_splits, self.ep_group)
         order = None
-        if local > 1:
+        if local > 1 and self.ep_size > 1:
             # Rows arrive grouped by source rank, then by expert; the experts want them by expert first.
             expert_of_row = torch.repeat_interleave(
                 torch.arange(local, device=x.device).repeat(self.ep_size),
