@@ -35,6 +35,7 @@ def auction(values: torch.Tensor, capacity: torch.Tensor, epsilon: float) -> tor
     owner = torch.full((num_persons,), -1, dtype=torch.long, device=device)
     bid = torch.full((num_persons,), float("-inf"), dtype=values.dtype, device=device)
     positions = torch.arange(num_persons, device=device)
+    ones = torch.ones_like(positions)
     finite = values[torch.isfinite(values)]
     spread = (finite.max() - finite.min()).item()
     # Each round accepts at least one bid and an object's price rises at most spread + epsilon above
@@ -53,15 +54,15 @@ def auction(values: torch.Tensor, capacity: torch.Tensor, epsilon: float) -> tor
         order = torch.argsort(candidate_bid, descending=True, stable=True)
         order = order[torch.argsort(candidate[order], stable=True)]
         sorted_objects = candidate[order]
-        counts = torch.bincount(sorted_objects, minlength=num_objects)
+        counts = torch.zeros_like(capacity).index_add_(0, candidate, ones)  # bincount would sync on CUDA
         starts = torch.cumsum(counts, 0) - counts
         keep = torch.empty_like(unassigned)
         keep[order] = (positions - starts[sorted_objects]) < capacity[sorted_objects]
         owner = torch.where(keep, candidate, -1)
         bid = torch.where(keep, candidate_bid, float("-inf"))
-        held = torch.bincount(candidate[keep], minlength=num_objects)
-        lowest = torch.full_like(price, float("inf")).scatter_reduce(0, candidate[keep], bid[keep], "amin")
-        price = torch.where(held == capacity, lowest, 0.0)
+        kept_bid = torch.where(keep, candidate_bid, float("inf"))
+        lowest = torch.full_like(price, float("inf")).scatter_reduce(0, candidate, kept_bid, "amin")
+        price = torch.where(counts >= capacity, lowest, 0.0)
     raise RuntimeError(f"auction did not converge in {max_rounds} rounds (P={num_persons}, O={num_objects})")
 
 
