@@ -51,8 +51,9 @@ def auction(values: torch.Tensor, capacity: torch.Tensor, epsilon: float) -> tor
         candidate = torch.where(unassigned, target, owner)
         candidate_bid = torch.where(unassigned, new_bid, bid)
         # Each object keeps its ``capacity`` highest bids among holders and new bidders.
-        order = torch.argsort(candidate_bid, descending=True, stable=True)
-        order = order[torch.argsort(candidate[order], stable=True)]
+        # One sort by (object, bid descending): the object index is scaled past the range of bids.
+        span = candidate_bid.max() - candidate_bid.min() + 1.0
+        order = torch.argsort(candidate.double() * span.double() - candidate_bid.double(), stable=True)
         sorted_objects = candidate[order]
         counts = torch.zeros_like(capacity).index_add_(0, candidate, ones)  # bincount would sync on CUDA
         starts = torch.cumsum(counts, 0) - counts
