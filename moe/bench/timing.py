@@ -8,19 +8,22 @@ import torch
 
 
 def time_cuda(fn, *, warmup: int = 3, repeats: int = 10) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` calls, each timed with CUDA events after ``warmup``."""
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup``, each between two CUDA events.
+
+    The calls are enqueued back to back with no synchronisation between them (as ``triton.testing.do_bench``
+    does), so a host-sync-free ``fn`` lets the CPU launch ahead of the GPU as it would inside a model, and
+    a ``fn`` that synchronises pays for it.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def peak_memory_gib(fn) -> float:
