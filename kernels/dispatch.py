@@ -3,16 +3,17 @@
 Both take the routing's expert-major pairs plus a token-major inverse index (``token_major_index``), so
 each token gathers its own rows in a fixed order instead of scatter-adding with atomics:
 
-- permute: forward gathers ``x[token_index]`` (optionally casting); backward sums each token's row gradients.
-- combine: forward sums ``weight * y`` over each token's rows; backward gathers the token gradient into each
-  row (times its weight) and takes one dot product per row for the weight gradient.
+- permute: forward copies each token's row to its pair rows (optionally casting), reading it once; backward
+  sums each token's row gradients.
+- combine: forward sums ``weight * y`` over each token's rows; backward copies the token gradient to each
+  of its rows (times the weight) and takes one dot product per row for the weight gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .rows import gather_rows, segment_sum
+from .rows import scatter_rows, segment_sum
 
 
 def token_major_index(token_index: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ class _Permute(torch.autograd.Function):
     def forward(ctx, x, token_index, rows_by_token, token_ptr, out_dtype):
         ctx.save_for_backward(rows_by_token, token_ptr)
         ctx.x_dtype = x.dtype
-        rows, _ = gather_rows(x, token_index, out_dtype=out_dtype)
+        rows, _ = scatter_rows(x, rows_by_token, token_ptr, token_index.numel(), out_dtype=out_dtype)
         return rows
 
     @staticmethod
@@ -47,15 +48,21 @@ class _Permute(torch.autograd.Function):
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, token_index, rows_by_token, token_ptr, out_dtype):
-        ctx.save_for_backward(y, weight, token_index)
+        ctx.save_for_backward(y, weight, rows_by_token, token_ptr)
         return segment_sum(y, rows_by_token, token_ptr, weight=weight, out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, weight, token_index = ctx.saved_tensors
+        y, weight, rows_by_token, token_ptr = ctx.saved_tensors
         need_weight_grad = ctx.needs_input_grad[1]
-        grad_y, grad_weight = gather_rows(
-            grad_out, token_index, scale=weight, other=y if need_weight_grad else None, out_dtype=y.dtype
+        grad_y, grad_weight = scatter_rows(
+            grad_out,
+            rows_by_token,
+            token_ptr,
+            y.shape[0],
+            scale=weight,
+            other=y if need_weight_grad else None,
+            out_dtype=y.dtype,
         )
         return grad_y, grad_weight, None, None, None, None
 

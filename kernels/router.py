@@ -11,14 +11,46 @@ from moe.routing import Routing
 from .topk import topk_route
 
 
+class _HalfGateLogits(torch.autograd.Function):
+    """float32 logits of half-precision x and gate weight from one tensor-core GEMM accumulating in float32.
+
+    The products of two bf16/fp16 numbers are exact in float32, so this is the float32 maths of
+    ``Router.compute_logits`` without materialising float32 copies; the backward is float32 like it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        x, weight = ctx.saved_tensors
+        grad_x = (grad_logits @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_logits.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
 class FusedTopKRouter(TopKRouter):
     """``TopKRouter`` whose dropless path runs ``moe.kernels.topk_route`` and never synchronises with the host.
 
     Same arguments, parameters and outputs as ``TopKRouter`` (state dicts are interchangeable). Capacity
     drops and group-limited routing use the parent's pure-torch path (they sync to size the kept pairs), as
     do inputs the kernels cannot run on (CPU without the Triton interpreter).
-    The (T, E) scores are still formed in torch for the aux losses (the parent's formulas).
+    The (T, E) scores are still formed in torch for the aux losses (the parent's formulas). Half-precision
+    logits on CUDA come from one tensor-core GEMM accumulating in float32 (``compute_logits``).
     """
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``Router.compute_logits``; on CUDA with x and the gate both bf16 (or fp16), one half-precision GEMM
+        with float32 accumulation and output (same maths, no float32 copy of x)."""
+        weight = self.gate.weight
+        if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
+            return super().compute_logits(x)
+        logits = _HalfGateLogits.apply(x, weight)
+        message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
+        torch._assert_async(torch.isfinite(logits).all(), message)
+        return logits
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
         if self.capacity_factor is not None or self.num_groups is not None or not kernels_usable(x):

@@ -1,7 +1,8 @@
-"""Row-movement kernels: gather rows by index (permute) and sum each token's rows (combine), no atomics.
+"""Row-movement kernels over a token-major index: copy each token's row out to its pairs (permute) and sum
+each token's pair rows (combine), no atomics.
 
-``gather_rows`` writes ``out[i] = scale[i] * src[index[i]]`` (optionally also ``dot[i] = <src[index[i]], other[i]>``)
-and ``segment_sum`` writes ``out[t] = sum_p weight[rows[p]] * src[rows[p]]`` over ``p in [ptr[t], ptr[t + 1])``
+``scatter_rows`` writes ``out[r] = scale[r] * src[t]`` for each pair row r of token t (optionally also
+``dot[r] = <src[t], other[r]>``) and ``segment_sum`` writes ``out[t] = sum_p weight[rows[p]] * src[rows[p]]`` over ``p in [ptr[t], ptr[t + 1])``
 in that fixed order, accumulating in float32. Each output row is written by exactly one program, so every
 result is bitwise reproducible. Both are memory bound: one read of the rows they touch and one write.
 """
@@ -12,50 +13,49 @@ import torch
 import triton
 import triton.language as tl
 
-GATHER_BLOCK_ROWS = 4
-
 
 def _block_cols(width: int) -> int:
     return min(1024, triton.next_power_of_2(width))
 
 
 @triton.jit
-def _gather_rows_kernel(
+def _scatter_rows_kernel(
     src_ptr,
-    index_ptr,
+    rows_ptr,
+    seg_ptr,
     scale_ptr,
     other_ptr,
     out_ptr,
     dot_ptr,
-    num_rows,
     width,
     src_stride,
     other_stride,
     out_stride,
     HAS_SCALE: tl.constexpr,
     HAS_DOT: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = rows < num_rows
-    src_rows = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    rows64 = rows.to(tl.int64)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    dot = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-    for start in range(0, width, BLOCK_COLS):
-        cols = start + tl.arange(0, BLOCK_COLS)
-        mask = row_mask[:, None] & (cols < width)[None, :]
-        values = tl.load(src_ptr + src_rows[:, None] * src_stride + cols[None, :], mask=mask, other=0.0)
-        if HAS_DOT:
-            other = tl.load(other_ptr + rows64[:, None] * other_stride + cols[None, :], mask=mask, other=0.0)
-            dot += tl.sum(values.to(tl.float32) * other.to(tl.float32), axis=1)
+    token = tl.program_id(0)
+    begin = tl.load(seg_ptr + token)
+    end = tl.load(seg_ptr + token + 1)
+    src_row = src_ptr + token.to(tl.int64) * src_stride
+    for p in range(begin, end):
+        row = tl.load(rows_ptr + p).to(tl.int64)
         if HAS_SCALE:
-            values = values.to(tl.float32) * scale[:, None]
-        tl.store(out_ptr + rows64[:, None] * out_stride + cols[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
-    if HAS_DOT:
-        tl.store(dot_ptr + rows, dot, mask=row_mask)
+            scale = tl.load(scale_ptr + row).to(tl.float32)
+        dot = tl.zeros([BLOCK_COLS], dtype=tl.float32)
+        for start in range(0, width, BLOCK_COLS):
+            cols = start + tl.arange(0, BLOCK_COLS)
+            mask = cols < width
+            values = tl.load(src_row + cols, mask=mask, other=0.0)
+            if HAS_DOT:
+                other = tl.load(other_ptr + row * other_stride + cols, mask=mask, other=0.0)
+                dot += values.to(tl.float32) * other.to(tl.float32)
+            if HAS_SCALE:
+                values = values.to(tl.float32) * scale
+            tl.store(out_ptr + row * out_stride + cols, values.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_DOT:
+            tl.store(dot_ptr + row, tl.sum(dot, axis=0))
 
 
 @triton.jit
@@ -86,44 +86,47 @@ def _segment_sum_kernel(
     tl.store(out_ptr + token.to(tl.int64) * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def gather_rows(
+def scatter_rows(
     src: torch.Tensor,
-    index: torch.Tensor,
+    rows: torch.Tensor,
+    segment_ptr: torch.Tensor,
+    num_rows: int,
     *,
     scale: torch.Tensor | None = None,
     other: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(``scale[:, None] *`` ``src[index]`` cast to ``out_dtype``, row dots with ``other`` or None).
+    """Copy token rows out to their pairs: (N, W) with ``out[r] = scale[r] * src[t]`` for every
+    ``r = rows[p]``, ``p`` in ``[segment_ptr[t], segment_ptr[t+1])``, and row dots ``<src[t], other[r]>`` or None.
 
-    ``src`` (R, W) with unit column stride, ``index`` (N,) int in [0, R), ``scale`` (N,), ``other`` (N, W).
+    Reads each token row once (it stays in cache for its k copies); ``rows`` must list every row in
+    [0, num_rows) exactly once, so each output row has one writer.
     """
     if src.stride(-1) != 1:
         src = src.contiguous()
-    num_rows, width = index.numel(), src.shape[1]
+    width = src.shape[1]
     out = torch.empty(num_rows, width, dtype=out_dtype or src.dtype, device=src.device)
     dot = None
     if other is not None:
         other = other.contiguous()
         dot = torch.empty(num_rows, dtype=torch.float32, device=src.device)
-    if num_rows == 0:
+    num_tokens = segment_ptr.numel() - 1
+    if num_rows == 0 or num_tokens == 0:
         return out, dot
-    grid = (triton.cdiv(num_rows, GATHER_BLOCK_ROWS),)
-    _gather_rows_kernel[grid](
+    _scatter_rows_kernel[(num_tokens,)](
         src,
-        index,
+        rows,
+        segment_ptr,
         scale if scale is not None else src,
         other if other is not None else src,
         out,
         dot if dot is not None else out,
-        num_rows,
         width,
         src.stride(0),
         other.stride(0) if other is not None else 0,
         out.stride(0),
         HAS_SCALE=scale is not None,
         HAS_DOT=other is not None,
-        BLOCK_ROWS=GATHER_BLOCK_ROWS,
         BLOCK_COLS=_block_cols(width),
     )
     return out, dot

@@ -41,18 +41,19 @@ def _random_routing(num_tokens, num_experts, pairs_per_token, device=DEVICE):
     return group_by_expert(token_index, expert_index, weight, logits, logits.new_zeros(()))
 
 
-def test_gather_rows_matches_indexing_with_scale_and_dot():
+def test_scatter_rows_matches_indexing_with_scale_and_dot():
     k = _kernels()
-    src = torch.randn(7, 40, device=DEVICE)
-    index = torch.tensor([3, 0, 6, 3, 1], device=DEVICE)
-    scale = torch.randn(5, device=DEVICE)
-    other = torch.randn(5, 40, device=DEVICE)
-    out, dot = k.gather_rows(src, index, scale=scale, other=other)
-    torch.testing.assert_close(out, src[index] * scale[:, None])
-    torch.testing.assert_close(dot, (src[index] * other).sum(1))
-    plain, none = k.gather_rows(src, index, out_dtype=torch.bfloat16)
+    src = torch.randn(4, 1030, device=DEVICE)  # width over one 1024 block
+    token_of_row = torch.tensor([3, 0, 2, 3, 0, 0], device=DEVICE)
+    rows_by_token, ptr = k.token_major_index(token_of_row, 4)
+    scale = torch.randn(6, device=DEVICE)
+    other = torch.randn(6, 1030, device=DEVICE)
+    out, dot = k.scatter_rows(src, rows_by_token, ptr, 6, scale=scale, other=other)
+    torch.testing.assert_close(out, src[token_of_row] * scale[:, None])
+    torch.testing.assert_close(dot, (src[token_of_row] * other).sum(1))
+    plain, none = k.scatter_rows(src, rows_by_token, ptr, 6, out_dtype=torch.bfloat16)
     assert none is None and plain.dtype == torch.bfloat16
-    torch.testing.assert_close(plain, src[index].bfloat16())
+    torch.testing.assert_close(plain, src[token_of_row].bfloat16())
 
 
 def test_segment_sum_matches_loop_including_empty_segments():
@@ -238,3 +239,20 @@ def test_gpu_layer_with_kernels_under_torch_compile():
     (ref_gx,) = torch.autograd.grad(ref.float().sum(), x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gx, ref_gx)
+
+
+@pytest.mark.gpu
+def test_gpu_half_gate_logits_match_float32_logits():
+    k = _kernels()
+    fused = k.FusedTopKRouter(512, 64, top_k=6).cuda().bfloat16()
+    plain = TopKRouter(512, 64, top_k=6).cuda().bfloat16()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for router in (fused, plain):
+        logits = router.compute_logits(x)
+        assert logits.dtype == torch.float32
+        grads.append((logits, *torch.autograd.grad((logits * logits.detach().cos()).sum(), (x, router.gate.weight))))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)  # float32 sums, other order
+    for got, want in zip(grads[0][1:], grads[1][1:]):  # bf16 gradients: one bf16 rounding apart at most
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3)
