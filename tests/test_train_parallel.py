@@ -67,8 +67,10 @@ def test_fsdp_with_expert_parallel_matches_ddp(tmp_path, ddp_reference):
     fsdp = _train(tmp_path / "fsdp", 2, "parallel.ep_size=2", "trainer.strategy=fsdp")
     _assert_same_curve(fsdp, ddp_reference, "fsdp + ep_size=2 vs ddp")
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "ckpt-00000003.pt"
-    resumed = _train(tmp_path / "resume", 1, f"trainer.resume={checkpoint}")
-    _assert_same_curve(resumed, fsdp[3:], "fsdp checkpoint resumed in one process")
+    # FSDP-sharded experts now (ep_size=1): loading slices nothing and shards every tensor as a DTensor.
+    resumed = _train(tmp_path / "resume", 2, "parallel.ep_size=1", "trainer.strategy=fsdp",
+                     f"trainer.resume={checkpoint}")
+    _assert_same_curve(resumed, fsdp[3:], "fsdp + ep_size=2 checkpoint resumed with fsdp + ep_size=1")
 
 
 def test_plan_rejects_bad_layouts():
