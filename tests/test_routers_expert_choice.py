@@ -12,6 +12,15 @@ from moe.losses import z_loss
 from moe.routers import ExpertChoiceRouter
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one thread avoids thread-pool spinning on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def check_contract(routing, num_tokens, num_experts):
     assert routing.token_index.dtype == torch.int64 and routing.expert_index.dtype == torch.int64
     assert routing.tokens_per_expert.dtype == torch.int64

@@ -9,6 +9,15 @@ import moe
 from moe.routers import ReLURouter
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one thread avoids thread-pool spinning on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def check_contract(routing, num_tokens, num_experts):
     assert routing.token_index.dtype == torch.int64 and routing.expert_index.dtype == torch.int64
     assert routing.tokens_per_expert.dtype == torch.int64
@@ -108,17 +117,8 @@ def test_lambda_is_checkpointed_in_the_state_dict():
     assert restored.l1_lambda.item() == pytest.approx(1.2e-8) and restored.l1_lambda.dtype == torch.float32
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run fastest on one thread (a shared machine makes extra threads spin)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_controller_drives_a_toy_model_to_the_target_sparsity(one_thread):
+def test_controller_drives_a_toy_model_to_the_target_sparsity():
     num_experts, top_k, steps = 8, 2, 260
     layer = moe.MoELayer(16, 16, num_experts, router="relu", top_k=top_k, activation="gelu", experts="loop")
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
