@@ -20,10 +20,12 @@ def auction(values: torch.Tensor, capacity: torch.Tensor, epsilon: float) -> tor
     sums to P. Returns the owner (P,) int64.
 
     Each round costs O(P * O + P log P) on the tensor's device; every few rounds one host sync
-    checks for convergence (plus one at the start for the value range). The epsilon-complementary-slackness argument: a person's bid is the
-    price it saw plus its margin over its second-best object plus epsilon; an object's price is the
-    lowest bid among its holders once full, so prices only rise and each holder stays within
-    epsilon of its best object at the final prices.
+    checks for convergence (plus a few at the start: argument checks and the value range).
+
+    Why it is epsilon-optimal: a person's bid is the price it saw plus its margin over its
+    second-best object plus epsilon; an object's price is the lowest bid among its holders once
+    full, so prices only rise and each holder stays within epsilon of its best object at the final
+    prices (epsilon-complementary slackness), which bounds the loss by P * epsilon.
     """
     num_persons, num_objects = values.shape
     device = values.device
