@@ -25,6 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "moe-train=moe.train:main",
+            "moe-report=moe.report:main",
             "moe-compress=moe.compress.cli:main",
         ]
     },
