@@ -1,7 +1,11 @@
 """ReLURouter (ReMoE): active pairs, the L1 regulariser, the lambda controller and its checkpointing."""
 
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,6 +119,29 @@ def test_lambda_is_checkpointed_in_the_state_dict():
     restored = ReLURouter(8, 4, top_k=1)
     restored.load_state_dict(state)
     assert restored.l1_lambda.item() == pytest.approx(1.2e-8) and restored.l1_lambda.dtype == torch.float32
+
+
+def _distributed_update_worker(rank: int, rendezvous: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        first, second = ReLURouter(8, 4, top_k=1, lambda0=1.0), ReLURouter(8, 4, top_k=1, lambda0=1.0)
+        # layer 1: ranks at sparsity 0.95 and 0.45 -> pooled 0.7; layer 2: 0.65 and 0.35 -> pooled 0.5.
+        # Rank 0 alone would see 0.8 >= 0.75 and lower lambda; the pooled 0.6 < 0.75 raises it on both.
+        fill_step(first, ((5, 100), (55, 100))[rank])
+        fill_step(second, ((35, 100), (65, 100))[rank])
+        ReLURouter.update_group([first, second])
+        assert first.last_sparsity.item() == pytest.approx(0.6) == second.last_sparsity.item()
+        assert first.l1_lambda.item() == pytest.approx(1.2) == second.l1_lambda.item()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_update_group_pools_counts_over_ranks(tmp_path):
+    mp.spawn(_distributed_update_worker, args=(str(tmp_path / "rendezvous"),), nprocs=2, join=True)
 
 
 @pytest.mark.slow
