@@ -30,7 +30,11 @@ from moe.parallel import (
 HIDDEN, FFN, EXPERTS, BATCH, SEQ = 16, 24, 8, 2, 8
 VOCAB = 50
 # Arguments a router cannot do without; every other router is built with its defaults.
-REQUIRED_ROUTER_KWARGS = {"relu": {"top_k": 2}, "hash": {"vocab_size": VOCAB}}
+REQUIRED_ROUTER_KWARGS = {
+    "relu": {"top_k": 2},
+    "hash": {"vocab_size": VOCAB},
+    "merged": {"source_experts": 2 * EXPERTS},  # two original experts merged into each of the EXPERTS groups
+}
 EXTRA_CASES = [
     ("topk", {"top_k": 2, "capacity_factor": 1.0}, {}),
     ("topk", {"top_k": 1}, {"shared_experts": 1, "shared_expert_gate": True}),
