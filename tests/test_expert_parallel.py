@@ -241,7 +241,7 @@ def test_world_size_one_matches_local_and_rejects_a_wrong_routing(tmp_path):
         routing = moe.routers.TopKRouter(HIDDEN, 4)(x.reshape(-1, HIDDEN))
         with pytest.raises(ValueError, match="routing has 4 experts, dispatcher was built for num_experts=8"):
             ep_layer.dispatcher.permute(x.reshape(-1, HIDDEN), routing)
-        with pytest.raises(TypeError, match="already expert-parallel"):
+        with pytest.raises(TypeError, match="uses ExpertParallelDispatcher; to_expert_parallel replaces a"):
             to_expert_parallel(ep_layer, dist.group.WORLD)
     finally:
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.dispatch.expert_parallel import ExpertParallelDispatcher
+from moe.dispatch.local import LocalDispatcher
 from moe.experts import ExpertMLP
 from moe.layer import MoELayer, moe_layers
 
@@ -55,8 +56,11 @@ def to_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup) -> nn.Modu
     """
     ep_size, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     for name, layer in moe_layers(model):
-        if isinstance(layer.dispatcher, ExpertParallelDispatcher):
-            raise TypeError(f"MoE layer '{name}' is already expert-parallel")
+        if type(layer.dispatcher) is not LocalDispatcher:
+            raise TypeError(
+                f"MoE layer '{name}' uses {type(layer.dispatcher).__name__}; to_expert_parallel replaces a "
+                "LocalDispatcher (build the layer without kernels=True or a custom dispatcher)"
+            )
         if layer.experts.num_experts != layer.num_experts:
             raise ValueError(f"MoE layer '{name}' holds {layer.experts.num_experts} of {layer.num_experts} experts")
         layer.dispatcher = ExpertParallelDispatcher(ep_group, layer.num_experts)
