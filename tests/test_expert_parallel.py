@@ -20,6 +20,7 @@ from moe.parallel import (
     check_layout,
     ep_group_ranks,
     expert_data_group_ranks,
+    expert_parallel_layer,
     expert_parameter_names,
     full_state_dict,
     init_expert_parallel,
@@ -116,9 +117,9 @@ def _check_checkpoint_layouts(group_by_ep: dict, rank: int) -> None:
         torch.testing.assert_close(saved[key], tensor, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
     for ep_size in sizes:
         torch.manual_seed(123)  # different weights: the load must replace all of them
-        target = MoELayer(HIDDEN, FFN, EXPERTS, "topk", top_k=2).eval()
-        to_expert_parallel(target, group_by_ep[ep_size].ep_group)
-        load_full_state_dict(target, saved)
+        target = expert_parallel_layer(HIDDEN, FFN, EXPERTS, "topk", ep_group=group_by_ep[ep_size].ep_group, top_k=2)
+        assert target.experts.num_experts == EXPERTS // ep_size
+        load_full_state_dict(target.eval(), saved)
         torch.testing.assert_close(
             target(x), expected, rtol=1e-5, atol=1e-5, msg=lambda m, e=ep_size: f"ep_size={e}: {m}"
         )
