@@ -44,9 +44,9 @@ class RunLogger:
         if wandb_config is not None:
             import wandb
 
-            os.environ.setdefault("WANDB_MODE", "offline")
+            mode = None if "WANDB_MODE" in os.environ else "offline"
             self.wandb_run = wandb.init(project=project, name=run_name, dir=str(self.run_dir), config=wandb_config,
-                                        resume="allow")
+                                        mode=mode, resume="allow")
 
     def write(self, record: dict) -> None:
         """Append one record (a dict with ``kind`` and ``step``) to metrics.jsonl and forward it."""
