@@ -63,12 +63,14 @@ def test_expert_parallel_training_matches_and_resumes_across_layouts(tmp_path, d
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp_with_expert_parallel_matches_ddp(tmp_path, ddp_reference):
-    fsdp = _train(tmp_path / "fsdp", 2, "parallel.ep_size=2", "trainer.strategy=fsdp")
-    _assert_same_curve(fsdp, ddp_reference, "fsdp + ep_size=2 vs ddp")
+def test_fsdp_with_expert_parallel_and_accumulation_matches_ddp(tmp_path):
+    """Two micro-batches per step: DDP's no_sync, FSDP2's set_requires_gradient_sync, one expert reduction."""
+    reference = _train(tmp_path / "ddp", 2, "parallel.ep_size=1", "trainer.grad_accum=2")
+    fsdp = _train(tmp_path / "fsdp", 2, "parallel.ep_size=2", "trainer.strategy=fsdp", "trainer.grad_accum=2")
+    _assert_same_curve(fsdp, reference, "fsdp + ep_size=2 vs ddp, grad_accum=2")
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "ckpt-00000003.pt"
     # FSDP-sharded experts now (ep_size=1): loading slices nothing and shards every tensor as a DTensor.
-    resumed = _train(tmp_path / "resume", 2, "parallel.ep_size=1", "trainer.strategy=fsdp",
+    resumed = _train(tmp_path / "resume", 2, "parallel.ep_size=1", "trainer.strategy=fsdp", "trainer.grad_accum=2",
                      f"trainer.resume={checkpoint}")
     _assert_same_curve(resumed, fsdp[3:], "fsdp + ep_size=2 checkpoint resumed with fsdp + ep_size=1")
 
