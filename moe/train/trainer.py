@@ -115,7 +115,7 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> tuple[nn
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and stacked expert weights, none on norms, biases and embeddings' scale."""
+    """AdamW; weight decay on matrices (embeddings and stacked expert weights included), none on vectors."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
