@@ -14,8 +14,18 @@ import triton
 import triton.language as tl
 
 
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (plain Python, so torch.compile can trace it)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling of a / b for positive ints."""
+    return -(-a // b)
+
+
 def _block_cols(width: int) -> int:
-    return min(1024, triton.next_power_of_2(width))
+    return min(1024, next_power_of_2(width))
 
 
 @triton.jit
@@ -150,7 +160,7 @@ def segment_sum(
     if num_tokens == 0:
         return out
     block_cols = _block_cols(width)
-    grid = (num_tokens, triton.cdiv(width, block_cols))
+    grid = (num_tokens, cdiv(width, block_cols))
     _segment_sum_kernel[grid](
         src,
         weight if weight is not None else src,

@@ -2,7 +2,7 @@
 
 One program handles a block of tokens with all E logits in registers, so the (T, E) scores never go to
 memory. Per-expert counts are summed per block and added with integer atomics (exact, so deterministic).
-The backward recomputes the (T, E) scores in torch and differentiates the chosen weights (O(T * E)).
+The backward recomputes the (T, E) scores in torch and applies the closed-form gradient (O(T * E)).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .rows import cdiv, next_power_of_2
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
@@ -84,10 +86,10 @@ class _TopK(torch.autograd.Function):
         weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
         index = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
         counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
-        block_experts = triton.next_power_of_2(num_experts)
+        block_experts = next_power_of_2(num_experts)
         block_tokens = max(1, min(64, 4096 // block_experts))
         if num_tokens > 0:
-            _topk_kernel[(triton.cdiv(num_tokens, block_tokens),)](
+            _topk_kernel[(cdiv(num_tokens, block_tokens),)](
                 logits,
                 bias if bias is not None else logits,
                 weights,
@@ -97,7 +99,7 @@ class _TopK(torch.autograd.Function):
                 num_experts,
                 float(route_scale),
                 K=top_k,
-                BLOCK_K=triton.next_power_of_2(top_k),
+                BLOCK_K=next_power_of_2(top_k),
                 SIGMOID=score_function == "sigmoid",
                 NORMALIZE=normalize,
                 HAS_BIAS=bias is not None,
@@ -113,12 +115,18 @@ class _TopK(torch.autograd.Function):
     def backward(ctx, grad_weights, _grad_index, _grad_counts):
         logits, index = ctx.saved_tensors
         score_function, normalize, route_scale = ctx.options
-        with torch.enable_grad():
-            z = logits.detach().requires_grad_(True)
-            weights = _scores(z, score_function).gather(1, index.long())
-            if normalize:
-                weights = weights / weights.sum(-1, keepdim=True)
-            (grad_logits,) = torch.autograd.grad(weights * route_scale, z, grad_weights)
+        index = index.long()
+        scores = _scores(logits, score_function)
+        chosen = scores.gather(1, index)
+        grad_chosen = grad_weights * route_scale
+        if normalize:  # w_j = v_j / S: dL/dv_j = (g_j - sum_l g_l v_l / S) / S
+            total = chosen.sum(-1, keepdim=True)
+            grad_chosen = (grad_chosen - (grad_chosen * chosen).sum(-1, keepdim=True) / total) / total
+        grad_scores = torch.zeros_like(scores).scatter_(1, index, grad_chosen)  # k distinct experts per row
+        if score_function == "softmax":
+            grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
+        else:
+            grad_logits = grad_scores * scores * (1.0 - scores)
         return grad_logits, None, None, None, None, None
 
 

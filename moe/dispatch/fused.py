@@ -11,17 +11,17 @@ from moe.dispatch.local import Dispatched, LocalDispatcher
 from moe.routers import Router, build_router
 from moe.routing import Routing
 
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
 
 def kernels_usable(x: torch.Tensor) -> bool:
     """True when the Triton kernels can run on ``x``: triton installed and x on CUDA (or the interpreter on)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def build_kernel_router(name: str, hidden_size: int, num_experts: int, **kwargs) -> Router:
     """``build_router``, except that "topk" gives ``moe.kernels.FusedTopKRouter`` when triton is installed."""
-    if name == "topk" and importlib.util.find_spec("triton") is not None:
+    if name == "topk" and HAVE_TRITON:
         from moe.kernels import FusedTopKRouter
 
         return FusedTopKRouter(hidden_size, num_experts, **kwargs)
