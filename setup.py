@@ -15,7 +15,15 @@ setup(
     # Any torch >= 2.8 (torch._grouped_mm) is kept as installed: a GPU user's CUDA build stays.
     install_requires=["torch>=2.8", "einops>=0.7", "numpy"],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "scipy>=1.10", "ruff", "pytest-timeout", "transformers>=5"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "scipy>=1.10",
+            "ruff",
+            "pytest-timeout",
+            "transformers>=5",
+            "triton>=3.4; platform_system == 'Linux'",  # CPU tests run the kernels under TRITON_INTERPRET=1
+        ],
         "train": ["hydra-core>=1.3", "wandb", "tqdm", "matplotlib", "safetensors"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
         "deepspeed": ["deepspeed"],
