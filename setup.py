@@ -22,7 +22,7 @@ setup(
             "ruff",
             "pytest-timeout",
             "transformers>=5",
-            "triton>=3.4; platform_system == 'Linux'",  # CPU tests run the kernels under TRITON_INTERPRET=1
+            "triton>=3.6; platform_system == 'Linux'",  # CPU tests run the kernels under TRITON_INTERPRET=1
         ],
         "train": ["hydra-core>=1.3", "wandb", "tqdm", "matplotlib", "safetensors"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
