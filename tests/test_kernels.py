@@ -256,3 +256,40 @@ def test_gpu_half_gate_logits_match_float32_logits():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)  # float32 sums, other order
     for got, want in zip(grads[0][1:], grads[1][1:]):  # bf16 gradients: one bf16 rounding apart at most
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3)
+
+
+def test_fused_dispatcher_falls_back_to_torch_where_kernels_cannot_run(monkeypatch):
+    import moe.dispatch.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "kernels_usable", lambda x: False)
+    routing = _random_routing(7, 3, [1, 2, 0, 3, 1, 2, 2])
+    x = torch.randn(7, 8, device=DEVICE)
+    dispatcher = FusedDispatcher(expert_dtype=torch.bfloat16)
+    d = dispatcher.permute(x, routing)
+    assert d.rows.dtype == torch.bfloat16
+    torch.testing.assert_close(d.rows, x[routing.token_index].bfloat16())
+    out = dispatcher.combine(d.rows.float(), d, routing)
+    ref = LocalDispatcher().combine(x[routing.token_index].bfloat16().float(), d, routing)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+
+
+def test_fused_router_with_capacity_uses_the_parent_path():
+    k = _kernels()
+    fused = k.FusedTopKRouter(16, 4, top_k=2, capacity_factor=0.5).to(DEVICE)
+    plain = TopKRouter(16, 4, top_k=2, capacity_factor=0.5).to(DEVICE)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(20, 16, device=DEVICE)
+    a, b = fused(x), plain(x)
+    assert a.dropped_fraction > 0
+    assert torch.equal(a.token_index, b.token_index) and torch.equal(a.expert_index, b.expert_index)
+
+
+def test_bad_arguments_are_rejected():
+    k = _kernels()
+    with pytest.raises(ValueError, match="score_function"):
+        k.topk_route(torch.randn(4, 3, device=DEVICE), 1, "relu")
+    with pytest.raises(ValueError, match="top_k"):
+        k.topk_route(torch.randn(4, 3, device=DEVICE), 4)
+    with pytest.raises(TypeError, match="expert_dtype"):
+        FusedDispatcher(expert_dtype="bf16")
