@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,18 +20,24 @@ from omegaconf import OmegaConf
 from moe.compress.cli import CompressConfig, compress_checkpoint
 from moe.train import train, validate
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 2-layer, 8-expert top-2 model trained 200 steps on this repository's own Python sources (bytes)."""
+    """A 2-layer, 8-expert top-2 model trained 200 steps on the ``email`` package's sources (bytes).
+
+    The corpus is copied (``.py`` files only) so it does not change while the repository does.
+    """
     root = tmp_path_factory.mktemp("compress_e2e")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    package = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    for path in sorted(package.rglob("*.py")):
+        shutil.copy(path, corpus / str(path.relative_to(package)).replace("/", "_"))
     cfg = validate(OmegaConf.create({
         "model": {"seq_len": 32, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "ffn_hidden_size": 64,
                   "num_experts": 8, "top_k": 2},
-        "data": {"source": "text", "path": str(REPO / "moe"), "cache_dir": str(root / "cache"), "batch_size": 16,
-                 "eval_batches": 4},
+        "data": {"source": "text", "path": str(corpus), "cache_dir": str(root / "cache"), "batch_size": 16,
+                 "eval_batches": 4, "val_fraction": 0.2},
         "optim": {"lr": 1e-2, "warmup_steps": 20},
         "trainer": {"max_steps": 200, "eval_interval": 0, "ckpt_interval": 0, "log_interval": 100,
                     "device": "cpu", "export_safetensors": False},
@@ -81,6 +89,8 @@ def test_compressed_checkpoint_resumes_in_moe_train(trained):
     assert cfg.router.name == "merged" and cfg.model.num_experts == 6
     evaluated = train(cfg, root / "merged_eval")
     assert evaluated["final_val_loss"] == pytest.approx(summary["after"]["val_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="below model.top_k=2"):
+        _compress(root, source, "dense", action="merge", method="average", num_experts=1)
     with pytest.raises(FileExistsError, match="never overwrites"):
         _compress(root, source, "merged_resume", action="merge", method="msmoe", fraction=0.75)
 

@@ -6,15 +6,15 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf])")
 pytest.importorskip("scipy", reason="moe.compress merging needs scipy")
 
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-import moe  # noqa: E402
-from moe import interop  # noqa: E402
+import moe
+from moe import interop
 
-SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=64, num_experts_per_tok=2)
+SMALL = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 64, "num_experts_per_tok": 2}
 
 
 def mixtral_config():

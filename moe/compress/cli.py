@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from moe.compress.calibration import calibrate
 from moe.compress.merge import LINKAGES, MERGE_METHODS, merge
 from moe.compress.merged_router import MergedRouter
-from moe.compress.prune import PRUNE_METHODS, prune
+from moe.compress.prune import PRUNE_METHODS, prune, target_count
 from moe.layer import moe_layers
 
 ACTIONS = ("prune", "merge")
@@ -147,6 +147,13 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
         raise FileExistsError(f"{ckpt_dir} already holds files; moe-compress never overwrites a checkpoint")
     state = load_checkpoint(source)
     cfg = validate(OmegaConf.create(state["config"]))
+    target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
+    count = target_count(target, cfg.model.num_experts, "every layer")
+    if count < cfg.model.top_k:
+        raise ValueError(
+            f"{count} experts per layer is below model.top_k={cfg.model.top_k}; moe-train configs need "
+            f"top_k <= num_experts (choose num_experts in [{cfg.model.top_k}, {cfg.model.num_experts}])"
+        )
     vocab_size = state["architecture"]["data.vocab_size"]
     use_cuda = ccfg.device == "cuda" or (ccfg.device == "auto" and torch.cuda.is_available())
     if ccfg.device == "cuda" and not torch.cuda.is_available():
@@ -168,7 +175,6 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     calibration = calibrate(model, batches, forward=lambda m, batch: m(batch[0].to(device)),
                             memory_budget=ccfg.memory_budget_mb * 2**20)
     timings["calibration_s"] = time.perf_counter() - started - sum(timings.values())
-    target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
     if ccfg.action == "prune":
         result = prune(model, calibration, method=ccfg.method, num_experts=target, progressive=ccfg.progressive,
                        max_subsets=ccfg.max_subsets, seed=ccfg.seed)
