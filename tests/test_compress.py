@@ -410,3 +410,25 @@ def test_dynamic_skipping_drops_second_expert_below_median_ratio():
         compress.enable_skipping(model, betas=betas)
     with pytest.raises(ValueError, match="top-2"):
         compress.enable_skipping(moe.MoELayer(H, F, E, top_k=1), betas={"": 0.5})
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_calibration_and_compression_on_cuda_match_cpu():
+    model = TwoLayers(bias_update_rate=1e-3)
+    data = batches()
+    cpu = compress.calibrate(model, data)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = compress.calibrate(gpu_model, [b.cuda() for b in data])
+    for name in ("first", "second"):
+        assert torch.equal(gpu[name].selection_count, cpu[name].selection_count)
+        torch.testing.assert_close(gpu[name].mean_output, cpu[name].mean_output, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(gpu[name].inputs, cpu[name].inputs, rtol=1e-4, atol=1e-5)
+    assert gpu["first"].inputs.device.type == "cpu"
+    kept_gpu = compress.prune(gpu_model, gpu, method="reconstruction", num_experts=6)
+    kept_cpu = compress.prune(model, cpu, method="reconstruction", num_experts=6)
+    assert kept_gpu == kept_cpu
+    merged = copy.deepcopy(gpu_model)
+    compress.merge(merged, compress.calibrate(merged, [b.cuda() for b in data]), method="msmoe", num_experts=4)
+    x = torch.randn(3, 5, H, device="cuda")
+    assert merged(x).isfinite().all() and merged.first.router.expert_to_group.device.type == "cuda"

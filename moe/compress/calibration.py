@@ -67,6 +67,7 @@ class LayerCalibration:
 
     @property
     def num_experts(self) -> int:
+        """E, the layer's expert count when it was calibrated."""
         return self.selection_count.numel()
 
     @property

@@ -96,6 +96,7 @@ class MergedRouter(Router):
         return self.source.top_k
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        """The wrapped router's pairs with each expert replaced by its group (weights unchanged)."""
         self.source.layer_name = self.layer_name
         inner = self.source.route(x, seq_len=seq_len, token_ids=token_ids)
         group_logits = group_logsumexp(inner.logits, self.expert_to_group, self.num_experts)

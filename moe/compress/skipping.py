@@ -34,9 +34,11 @@ class SkippingRouter(Router):
 
     @property
     def top_k(self) -> int:
+        """The wrapped router's experts per token (before skipping)."""
         return self.source.top_k
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
+        """The wrapped router's routing less the second pairs with ``w2 < beta * w1``."""
         self.source.layer_name = self.layer_name
         inner = self.source.route(x, seq_len=seq_len, token_ids=token_ids)
         weight = inner.weight.detach().float()
