@@ -432,3 +432,13 @@ def test_calibration_and_compression_on_cuda_match_cpu():
     compress.merge(merged, compress.calibrate(merged, [b.cuda() for b in data]), method="msmoe", num_experts=4)
     x = torch.randn(3, 5, H, device="cuda")
     assert merged(x).isfinite().all() and merged.first.router.expert_to_group.device.type == "cuda"
+
+
+@torch.no_grad()
+def test_only_calibrated_layers_are_compressed():
+    model = TwoLayers()
+    cal = compress.calibrate(model, batches(), layers=["second"])
+    assert set(cal.layers) == {"second"}
+    expected = sorted(cal["second"].score_mass.argsort(descending=True, stable=True)[:4].tolist())
+    assert compress.prune(model, cal, method="score", num_experts=4) == {"second": expected}
+    assert model.first.num_experts == E and model.second.num_experts == 4

@@ -36,8 +36,13 @@ def layer_min_experts(layer: MoELayer) -> int:
 
 
 def _checked_layers(model: nn.Module, calibration: Calibration, layers) -> list[tuple[str, MoELayer]]:
+    """The model's MoE layers to compress (``layers``, default: every calibrated one), checked against the calibration."""
     found = moe_layers(model)
-    if layers is not None:
+    if layers is None:
+        found = [(name, layer) for name, layer in found if name in calibration.layers]
+        if not found:
+            raise ValueError(f"none of the model's MoE layers was calibrated (calibrated: {sorted(calibration.layers)})")
+    else:
         wanted = set(layers)
         unknown = wanted - {name for name, _ in found}
         if unknown:
