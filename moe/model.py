@@ -34,7 +34,8 @@ class ModelConfig:
     ``moe_every``: 1 = an MoE feed-forward in every layer, n = in layers n, 2n, ... (1-based), 0 = dense
     model (no MoE layer). ``shared_experts``: always-on experts of width ``ffn_hidden_size`` each.
     ``router`` names an entry of ``moe.routers.ROUTERS``, built with ``router_kwargs`` plus ``top_k`` and
-    ``vocab_size`` when the router's constructor takes them. ``experts`` names an entry of ``moe.experts.EXPERT_IMPLEMENTATIONS``.
+    ``vocab_size`` when the router's constructor takes them. ``experts`` names an entry of ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``kernels`` selects the Triton permute/combine
+    (and fused top-k router) of ``moe.kernels`` on CUDA.
     """
 
     vocab_size: int = 256
@@ -50,6 +51,7 @@ class ModelConfig:
     router: str = "topk"
     router_kwargs: dict[str, Any] = field(default_factory=dict)
     experts: str = "grouped"
+    kernels: bool = False
     activation: str = "swiglu"
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -166,6 +168,7 @@ class Block(nn.Module):
                 activation=cfg.activation,
                 experts=cfg.experts,
                 shared_experts=cfg.shared_experts,
+                kernels=cfg.kernels,
                 **_router_kwargs(cfg),
             )
         else:
