@@ -21,7 +21,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOGGERS = ("console", "wandb")
 PROGRESS = ("auto", "bar", "lines")
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
+ZERO_STAGES = (1, 2)
 
 
 def _choice(key: str, value, choices) -> None:
@@ -177,7 +178,9 @@ class OptimSchema:
 
 @dataclass
 class TrainerSchema:
-    """Loop length, intervals, checkpointing, device and precision.
+    """Loop length, intervals, checkpointing, device, precision and strategy.
+
+    ``strategy``: "ddp", "fsdp" or "deepspeed" (ZeRO ``zero_stage`` 1 or 2; see docs/distributed.md).
 
     ``resume``: "auto" (newest checkpoint in the run directory, if any), "none", or a checkpoint path.
     ``eval_interval`` / ``ckpt_interval`` of 0 mean "only at the end".
@@ -194,6 +197,7 @@ class TrainerSchema:
     device: str = "auto"
     precision: str = "auto"
     strategy: str = "ddp"
+    zero_stage: int = 1
     threads: int | None = None
     export_safetensors: bool = True
 
@@ -210,6 +214,9 @@ class TrainerSchema:
         _choice("trainer.device", self.device, DEVICES)
         _choice("trainer.precision", self.precision, PRECISIONS)
         _choice("trainer.strategy", self.strategy, STRATEGIES)
+        if isinstance(self.zero_stage, bool):
+            raise TypeError(f"trainer.zero_stage={self.zero_stage!r} is not valid; valid choices: {list(ZERO_STAGES)}")
+        _choice("trainer.zero_stage", self.zero_stage, ZERO_STAGES)
         if self.threads is not None:
             _at_least("trainer.threads", self.threads, 1)
 

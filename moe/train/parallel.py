@@ -11,6 +11,10 @@ One ``ParallelPlan`` per run decides, from the strategy and the expert-parallel 
 - ``clip_grad_norm``: clip by the global norm, identical on every rank;
 - ``model_state`` / ``optimizer_state`` and their loaders: layout-independent checkpoints (full expert
   tensors, unsharded FSDP parameters), so a run saved with one ``ep_size`` or strategy resumes with another.
+
+``deepspeed`` (ZeRO stage 1/2) is ``moe.train.deepspeed_strategy.DeepSpeedPlan``, which overrides the
+loop hooks (``attach_optimizer``, ``accumulate``, ``backward``, ``optimizer_step``); ``make_plan`` picks
+the plan for a config.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from moe.parallel import (
     to_expert_parallel,
 )
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
 class _FSDPRoot(nn.Module):
@@ -70,6 +74,8 @@ class ParallelPlan:
     def __init__(self, strategy: str, ep_size: int, world_size: int, device: torch.device):
         if strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy={strategy!r} is not valid; valid: {list(STRATEGIES)}")
+        if strategy == "deepspeed" and type(self) is ParallelPlan:
+            raise TypeError("trainer.strategy='deepspeed' is DeepSpeedPlan: build it with make_plan(cfg, ...)")
         moe.parallel.check_layout(world_size, ep_size)
         self.strategy = strategy
         self.ep_size = ep_size
@@ -113,6 +119,22 @@ class ParallelPlan:
         fully_shard(model, mesh=mesh, ignored_params=ignored or None)
         self.sharded_dense = True
         return _FSDPRoot(model)
+
+    def attach_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Called once the optimizer exists; returns the module to call in the loop (here ``model``)."""
+        return model
+
+    def accumulate(self, model: nn.Module, last_micro: bool):
+        """Context for one micro-batch's forward and backward: no gradient sync before the last one."""
+        return contextlib.nullcontext() if last_micro or not self.distributed else model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (already divided by the number of micro-batches)."""
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the update (after ``finish_gradients`` and ``clip_grad_norm``)."""
+        optimizer.step()
 
     def finish_gradients(self, model: nn.Module) -> None:
         """After the last micro-batch's backward: average the sharded experts' gradients (no-op without EP)."""
@@ -162,6 +184,18 @@ class ParallelPlan:
         single = build().to(self.device)
         single.load_state_dict(state)
         return single
+
+
+def make_plan(cfg, world_size: int, device: torch.device) -> ParallelPlan:
+    """The ``ParallelPlan`` for a ``TrainConfig`` (``trainer.strategy``, ``parallel.ep_size``, ...)."""
+    strategy = cfg.trainer.strategy
+    if strategy == "deepspeed":
+        from moe.train.deepspeed_strategy import DeepSpeedPlan
+
+        return DeepSpeedPlan(cfg.parallel.ep_size, world_size, device, zero_stage=cfg.trainer.zero_stage,
+                             micro_batch_size=cfg.data.batch_size, grad_accum=cfg.trainer.grad_accum,
+                             grad_clip=cfg.optim.grad_clip)
+    return ParallelPlan(strategy, cfg.parallel.ep_size, world_size, device)
 
 
 def export_submitit_env() -> bool:

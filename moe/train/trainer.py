@@ -35,7 +35,7 @@ from moe.train.checkpoint import (
 )
 from moe.train.config import TrainConfig, architecture, to_dict
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
-from moe.train.parallel import ParallelPlan, export_submitit_env
+from moe.train.parallel import ParallelPlan, export_submitit_env, make_plan
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,7 +109,7 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> tuple[nn
 
     Returns (model as trained, the unwrapped model, the plan); call it before building the optimizer.
     """
-    plan = ParallelPlan(cfg.trainer.strategy, cfg.parallel.ep_size, ctx.world_size, ctx.device)
+    plan = make_plan(cfg, ctx.world_size, ctx.device)
     model = plan.prepare(model)
     return plan.wrap(model), model, plan
 
@@ -251,6 +251,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
     vocab_size = cfg.data.vocab_size or splits.vocab_size
     model, raw_model, plan = wrap_model(build_model(cfg, vocab_size).to(ctx.device), cfg, ctx)
     optimizer = build_optimizer(raw_model, cfg)
+    model = plan.attach_optimizer(model, optimizer)
     decay_steps = cfg.optim.decay_steps or t_cfg.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(cfg.optim.warmup_steps, decay_steps, cfg.optim.min_lr_ratio)
@@ -314,12 +315,11 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
                     x, y = next(batches)
                     x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
                     last_micro = micro == t_cfg.grad_accum - 1
-                    sync = contextlib.nullcontext() if last_micro or not ctx.distributed else model.no_sync()
-                    with sync:
+                    with plan.accumulate(model, last_micro):
                         with _autocast(cfg, ctx.device):
                             _, task_loss = model(x, y)
                             aux = moe.aux_loss(raw_model)
-                        ((task_loss + aux) / t_cfg.grad_accum).backward()
+                        plan.backward((task_loss + aux) / t_cfg.grad_accum)
                     step_stats[0] += task_loss.detach().double() / t_cfg.grad_accum
                     step_stats[1] += aux.detach().double() / t_cfg.grad_accum
                     load = _expert_load(layers)
@@ -346,7 +346,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
                     f"last good checkpoint: {last_ckpt or 'none'}"
                 )
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            plan.optimizer_step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             moe.update_routers(raw_model, ctx.process_group)
