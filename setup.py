@@ -26,7 +26,7 @@ setup(
         ],
         "train": ["hydra-core>=1.3", "wandb", "tqdm", "matplotlib", "safetensors"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],  # moe.train.deepspeed_strategy uses engine internals of 0.19
         "compress": ["scipy>=1.10"],
         "hf": ["transformers>=5", "scipy>=1.10"],
     },
