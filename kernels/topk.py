@@ -118,7 +118,7 @@ class _TopK(torch.autograd.Function):
         index = index.long()
         scores = _scores(logits, score_function)
         chosen = scores.gather(1, index)
-        grad_chosen = grad_weights * route_scale
+        grad_chosen = grad_weights.to(scores.dtype) * route_scale  # bf16 under autocast
         if normalize:  # w_j = v_j / S: dL/dv_j = (g_j - sum_l g_l v_l / S) / S
             total = chosen.sum(-1, keepdim=True)
             grad_chosen = (grad_chosen - (grad_chosen * chosen).sum(-1, keepdim=True) / total) / total

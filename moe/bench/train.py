@@ -62,7 +62,7 @@ def run_variant(name: str, args, sampler: BatchSampler) -> dict:
         "model_tflops": flops * tokens_per_s / 1e12,
         "mfu": flops * tokens_per_s / (args.peak_tflops * 1e12),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
         "params": model.num_params(),
         "active_params": model.num_active_params(),
     }

@@ -62,6 +62,13 @@ def _dense_grad(g: torch.Tensor) -> torch.Tensor:
     return g.contiguous() if g.numel() else g.new_zeros(g.shape)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype experts run in: autocast's when autocast is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     # torch._grouped_mm's backward rejects expanded (stride-0) gradients such as that of y.sum().
     if t.requires_grad:
@@ -87,6 +94,7 @@ class GroupedExperts(ExpertMLP):
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Rows (N, H) grouped by expert, counts (E,) -> expert outputs (N, H); no host sync."""
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        x = x.to(compute_dtype(x))
         w_in, w_out = self._aligned_weights(x.dtype)
         hidden = w_out.shape[-1]
         if hidden != self.hidden_size:
