@@ -113,3 +113,15 @@ def test_grouped_equals_loop_on_cuda_in_bf16(activation):
     upstream = torch.randn(65, 64, device="cuda", dtype=torch.bfloat16)
     for got, want in zip(forward_backward(grouped, x, counts, upstream), forward_backward(loop, x, counts, upstream)):
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_grouped_runs_in_the_autocast_dtype():
+    # Under autocast the residual stream stays float32; the experts must still run their GEMMs in bf16.
+    experts = GroupedExperts(3, 16, 32, "swiglu")
+    x = torch.randn(10, 16)
+    counts = torch.tensor([4, 0, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, counts)
+    assert out.dtype == torch.bfloat16
+    reference = experts(x.bfloat16(), counts)
+    torch.testing.assert_close(out, reference)
