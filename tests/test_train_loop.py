@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import sysconfig
 from pathlib import Path
 
@@ -155,3 +156,13 @@ def test_corrupt_checkpoint_is_reported_not_skipped(corpus, tmp_path):
     newest.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match=newest.name):
         train(tiny(corpus, tmp_path, trainer={"max_steps": 6}), tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_by_default(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    train(tiny(corpus, tmp_path, logger={"name": "wandb"}, trainer={"max_steps": 2}), tmp_path / "run")
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb")), "the offline run holds its logged records"
+    assert "WANDB_MODE" not in os.environ
