@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import sysconfig
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
                trainer={"max_steps": 50, "ckpt_interval": 1})
     with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as error:
         train(cfg, tmp_path / "run")
-    bad_step = int(__import__("re").search(r"at step (\d+)", str(error.value)).group(1))
+    bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
     checkpoints = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert checkpoints, "the steps before the failure were checkpointed"
     newest = load_checkpoint(checkpoints[-1])
