@@ -167,3 +167,30 @@ def test_wandb_logger_runs_offline_by_default(corpus, tmp_path, monkeypatch):
     (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     assert list(offline.glob("*.wandb")), "the offline run holds its logged records"
     assert "WANDB_MODE" not in os.environ
+
+
+def test_gradient_accumulation_matches_a_hand_written_step(corpus, tmp_path):
+    """trainer.grad_accum=2: one optimizer step on the mean of two micro-batches' (task + aux) losses."""
+    from moe.data import BatchSampler, prepare_tokens
+
+    cfg = tiny(corpus, tmp_path, trainer={"max_steps": 1, "grad_accum": 2, "ckpt_interval": 1},
+               optim={"warmup_steps": 0, "grad_clip": 0.0, "eps": 1.0},  # large eps: the update scales with the grad
+               router={"kwargs": {"bias_update_rate": 1e-2}})
+    train(cfg, tmp_path / "run")
+    trained = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["model"]
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg, 256)
+    optimizer = build_optimizer(model, cfg)
+    sampler = BatchSampler(prepare_tokens(str(corpus), tmp_path / "cache").train, 4, 32, seed=cfg.trainer.seed)
+    for _ in range(2):
+        x, y = next(sampler)
+        _, loss = model(x, y)
+        ((loss + moe.aux_loss(model)) / 2).backward()
+    optimizer.step()
+    moe.update_routers(model)
+    reference = model.state_dict()
+    assert set(reference) == set(trained)
+    for key, value in reference.items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert any(key.endswith("expert_bias") and value.abs().sum() > 0 for key, value in reference.items())

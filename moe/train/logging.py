@@ -119,11 +119,12 @@ def plot_expert_load(metrics_path: Path, out_path: Path) -> Path | None:
         return None
     layers = list(records[0]["expert_load"])
     steps = [r["step"] for r in records]
+    first, last = (steps[0], steps[-1]) if len(steps) > 1 else (steps[0] - 0.5, steps[0] + 0.5)
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.1 * len(layers)), squeeze=False, sharex=True)
     for ax, layer in zip(axes[:, 0], layers):
         load = np.array([r["expert_load"][layer] for r in records]).T
         image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="viridis",
-                          extent=(steps[0], steps[-1], load.shape[0] - 0.5, -0.5))
+                          extent=(first, last, load.shape[0] - 0.5, -0.5))
         ax.set_ylabel(layer, rotation=0, ha="right", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
     axes[-1, 0].set_xlabel("step")
