@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moe.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from moe.train.config import TrainConfig, register_configs, validate
 from moe.train.trainer import NonFiniteLossError, train
 
@@ -16,9 +17,19 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _run(cfg) -> None:
+    """Validate, then train; expected failures (bad config, non-finite loss, unusable checkpoint) exit with
+    status 1 and their message alone, without a traceback."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
 
-    train(validate(cfg), HydraConfig.get().runtime.output_dir)
+    try:
+        checked = validate(cfg)
+    except (ValueError, OmegaConfBaseException) as error:
+        raise SystemExit(f"moe-train: invalid config: {error}") from None
+    try:
+        train(checked, HydraConfig.get().runtime.output_dir)
+    except (NonFiniteLossError, CheckpointMismatchError, CorruptCheckpointError) as error:
+        raise SystemExit(f"moe-train: {type(error).__name__}: {error}") from None
 
 
 def main() -> None:
