@@ -13,7 +13,12 @@ from omegaconf import OmegaConf
 
 import moe
 from moe.train import NonFiniteLossError, train, validate
-from moe.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError, list_checkpoints, load_checkpoint
+from moe.train.checkpoint import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+)
 from moe.train.logging import read_metrics
 from moe.train.trainer import build_model, build_optimizer
 
