@@ -1,7 +1,14 @@
 """Shared pytest set-up: markers, GPU skipping, deterministic seeds, few CPU threads."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this at each @triton.jit, i.e. when moe.kernels is first imported, which any test
+    # module may trigger: set it before collection so the kernels run under the interpreter on CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
