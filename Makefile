@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	@$(PYTHON) -m pip install -q -e ".[dev,train]"
+	@# DeepSpeed is an sdist whose build imports torch: build it against the torch above, never an isolated one.
+	@$(PYTHON) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PYTHON) -m pip install -q --no-build-isolation "deepspeed>=0.19.8,<0.20"
 
 train: setup
 	moe-train
@@ -16,4 +18,4 @@ test: setup
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	$(PYTHON) -m ruff check moe kernels tests
+	$(PYTHON) -m ruff check --line-length 120 moe kernels tests
