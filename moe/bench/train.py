@@ -22,12 +22,15 @@ import sys
 import tempfile
 
 import torch
+import yaml
 
 from moe.data import BatchSampler, prepare_tokens
 from moe.layer import aux_loss, update_routers
 from moe.model import GPT, ModelConfig
 
-SMALL = dict(seq_len=1024, num_layers=12, hidden_size=768, num_heads=12, ffn_hidden_size=1536, num_experts=8, top_k=2)
+SMALL_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model", "small.yaml")
+with open(SMALL_YAML, encoding="utf-8") as _f:
+    SMALL = yaml.safe_load(_f)  # the trainer's model=small, one source of truth
 
 
 def run_variant(name: str, args, sampler: BatchSampler) -> dict:
