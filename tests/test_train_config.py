@@ -133,3 +133,15 @@ def test_warmup_cosine_matches_its_formula():
         progress = (step - 10) / 100
         assert schedule(step) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
     assert schedule(500) == pytest.approx(0.1)
+
+
+def test_experts_kernels_switch_builds_fused_layers_and_refuses_expert_parallel():
+    from moe.dispatch.fused import FusedDispatcher
+    from moe.layer import moe_layers
+    from moe.train.trainer import build_model
+
+    cfg = validate(_compose(["experts.kernels=true"]))
+    layers = moe_layers(build_model(cfg, vocab_size=256))
+    assert layers and all(isinstance(layer.dispatcher, FusedDispatcher) for _, layer in layers)
+    with pytest.raises(ValueError, match=r"experts.kernels=true cannot be combined with parallel.ep_size=2"):
+        validate(_compose(["experts.kernels=true", "parallel.ep_size=2"]))

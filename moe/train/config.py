@@ -97,9 +97,14 @@ class RouterSchema:
 
 @dataclass
 class ExpertsSchema:
-    """Expert implementation (``moe.experts.EXPERT_IMPLEMENTATIONS``); all share one weight layout."""
+    """Expert implementation (``moe.experts.EXPERT_IMPLEMENTATIONS``); all share one weight layout.
+
+    ``kernels``: use the Triton permute/combine and fused top-k router of ``moe.kernels`` (CUDA; on a CPU
+    they fall back to the torch path). Not combined with ``parallel.ep_size > 1``.
+    """
 
     impl: str = "grouped"
+    kernels: bool = False
 
     def __post_init__(self):
         from moe.experts import EXPERT_IMPLEMENTATIONS
@@ -264,6 +269,13 @@ class TrainConfig:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     parallel: ParallelSchema = field(default_factory=ParallelSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
+
+    def __post_init__(self):
+        if self.experts.kernels and self.parallel.ep_size > 1:
+            raise ValueError(
+                f"experts.kernels=true cannot be combined with parallel.ep_size={self.parallel.ep_size}: the "
+                "expert-parallel dispatcher replaces the fused one; set experts.kernels=false or parallel.ep_size=1"
+            )
 
 
 def register_configs() -> None:

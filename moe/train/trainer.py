@@ -97,6 +97,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
             router=cfg.router.name,
             router_kwargs=dict(cfg.router.kwargs),
             experts=cfg.experts.impl,
+            kernels=cfg.experts.kernels,
             activation=m.activation,
             tie_embeddings=m.tie_embeddings,
             dropout=m.dropout,
