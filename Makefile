@@ -3,10 +3,13 @@ PYTHON ?= python3
 # A CPU build of torch is installed only when no torch is present; an existing (CUDA) torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup train test lint
+.PHONY: setup setup-test train test lint
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	@$(PYTHON) -m pip install -q -e ".[train]"
+
+setup-test: setup
 	@$(PYTHON) -m pip install -q -e ".[dev,train]"
 	@# DeepSpeed is an sdist whose build imports torch: build it against the torch above, never an isolated one.
 	@$(PYTHON) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PYTHON) -m pip install -q --no-build-isolation "deepspeed>=0.19.8,<0.20"
@@ -14,7 +17,7 @@ setup:
 train: setup
 	moe-train
 
-test: setup
+test: setup-test
 	$(PYTHON) -m pytest -q tests
 
 lint:
