@@ -40,14 +40,41 @@ VARIANTS = ("kernels", "torch", "loop", "grouped_mm", "torchtitan", "deepspeed",
 PEER_ACTIVATION = {"torchtitan": "swiglu", "deepspeed": "gelu", "megablocks": "gelu"}
 
 
-def _layer(shape: dict, activation: str, variant: str) -> MoELayer:
-    kwargs = {"top_k": shape["top_k"], "activation": activation}
+ROUTERS = ("topk", "expert_choice", "relu")
+
+
+def _router_kwargs(shape: dict, router: str) -> dict:
+    """Router arguments giving T * k assignments: expert choice with capacity factor k; ReLU see _calibrate_relu."""
+    if router == "expert_choice":
+        return {"router": "expert_choice", "capacity_factor": float(shape["top_k"])}
+    return {"router": router, "top_k": shape["top_k"]}
+
+
+def _calibrate_relu(layer: MoELayer, x: torch.Tensor, top_k: int) -> None:
+    """Make a ReLU gate active on k/E of the pairs, as a trained ReMoE router is at its target sparsity.
+
+    ``x[:, 0]`` is 1 in ReLU runs, so gate column 0 acts as a bias: it is set to minus the (1 - k/E)
+    quantile of the other features' logits, so each logit is positive with probability k/E.
+    """
+    with torch.no_grad():
+        weight = layer.router.gate.weight
+        weight[:, 0] = 0
+        logits = (x.float() @ weight.float().t()).flatten()
+        quantile = 1.0 - top_k / weight.shape[0]
+        sample = logits[torch.randint(logits.numel(), (1 << 20,), device=logits.device)]
+        weight[:, 0] = -torch.quantile(sample, quantile).to(weight.dtype)
+
+
+def _layer(shape: dict, activation: str, variant: str, router: str = "topk", x: torch.Tensor | None = None) -> MoELayer:
+    kwargs = {**_router_kwargs(shape, router), "activation": activation}
     if variant == "kernels":
         kwargs["kernels"] = True
     if variant == "loop":
         kwargs["experts"] = "loop"
-    layer = MoELayer(shape["hidden"], shape["ffn"], shape["experts"], **kwargs)
-    return layer.to(DEVICE, torch.bfloat16).train()
+    layer = MoELayer(shape["hidden"], shape["ffn"], shape["experts"], **kwargs).to(DEVICE, torch.bfloat16).train()
+    if router == "relu":
+        _calibrate_relu(layer, x, shape["top_k"])
+    return layer
 
 
 def _clear_grads(module: torch.nn.Module) -> None:
@@ -124,17 +151,23 @@ def _stages(layer: MoELayer, x: torch.Tensor, repeats: int) -> dict:
             [("router", router), ("permute", permute), ("experts", experts), ("combine", combine)]}
 
 
-def run_shape(name: str, activation: str, variants: list[str], repeats: int, log) -> list[dict]:
-    """Every requested variant on one shape and activation; failures are recorded, not raised."""
+def run_shape(name: str, activation: str, variants: list[str], repeats: int, log, router: str = "topk") -> list[dict]:
+    """Every requested variant on one shape and activation; failures are recorded, not raised.
+
+    TFLOP/s counts the assignments the router actually made (T * k for top-k and expert choice; the
+    data-dependent count for ReLU routing).
+    """
     shape = SHAPES[name]
-    flops = expert_flops(shape["tokens"], shape["top_k"], shape["hidden"], shape["ffn"], activation)
     torch.manual_seed(0)
     x = torch.randn(shape["tokens"], shape["hidden"], device=DEVICE, dtype=torch.bfloat16)
+    if router == "relu":
+        x[:, 0] = 1.0
     grad = torch.randn_like(x)
     results = []
     tokens_per_expert = None
     for variant in variants:
-        row = dict(shape=name, activation=activation, variant=variant, **shape)
+        row = dict(shape=name, activation=activation, variant=variant, router=router, **shape)
+        flops = expert_flops(shape["tokens"], shape["top_k"], shape["hidden"], shape["ffn"], activation)
         try:
             if variant in PEERS:
                 if PEER_ACTIVATION[variant] != activation:
@@ -144,13 +177,16 @@ def run_shape(name: str, activation: str, variants: list[str], repeats: int, log
                 row.update(_measure(lambda step=peer_step: step(x, grad), module, repeats))
             elif variant == "grouped_mm":
                 if tokens_per_expert is None:
-                    tokens_per_expert = _layer(shape, activation, "torch").router(x).tokens_per_expert
+                    tokens_per_expert = _layer(shape, activation, "torch", router, x).router(x).tokens_per_expert
                 row.update(_grouped_mm_ceiling(shape, activation, tokens_per_expert, repeats))
                 module = None
             else:
-                module = _layer(shape, activation, variant)
+                module = _layer(shape, activation, variant, router, x)
                 with torch.no_grad():
                     tokens_per_expert = module.router(x).tokens_per_expert
+                assignments = int(tokens_per_expert.sum())
+                row["assignments"] = assignments
+                flops = expert_flops(assignments, 1, shape["hidden"], shape["ffn"], activation)
                 row.update(_measure(lambda layer=module: layer(x).backward(grad), module, repeats))
                 if variant in ("kernels", "torch"):
                     row["stages_ms"] = _stages(module, x, repeats)
@@ -240,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activations", default="gelu,swiglu")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--router", default="topk", choices=ROUTERS,
+                        help="routing of our layers (peers and the loop are top-k only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("moe.bench.layer needs a CUDA GPU")
@@ -249,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         bad = [v for v in value if v not in valid]
         if bad:
             raise SystemExit(f"unknown {what} {bad}; choose from {list(valid)}")
+    if args.router != "topk" and set(variants) - {"kernels", "torch", "grouped_mm"}:
+        raise SystemExit(f"--router {args.router} supports the variants kernels, torch, grouped_mm; got {variants}")
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     env = environment()
@@ -257,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.log, "a") as log:
         for activation in activations:
             for name in shapes:
-                results += run_shape(name, activation, variants, args.repeats, log)
+                results += run_shape(name, activation, variants, args.repeats, log, args.router)
     write_json_atomic(args.out, {"environment": env, "targets_tflops": TARGETS, "results": results})
     if args.plot:
         plot(results, args.plot)
