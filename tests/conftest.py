@@ -1,4 +1,4 @@
-"""Shared pytest set-up: markers, GPU skipping, deterministic seeds, few CPU threads."""
+"""Shared pytest set-up: markers, GPU skipping, deterministic seeds, one CPU thread."""
 
 import os
 
@@ -27,5 +27,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed 0 and one intra-op thread: the tensors are small, and on a shared 2-core machine a second
+    thread spins more than it helps (measured up to 10x slower)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

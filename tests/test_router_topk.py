@@ -4,19 +4,11 @@ import math
 
 import pytest
 import torch
+from routing_checks import check_contract
 
 import moe
 from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
 from moe.routers import TopKRouter
-
-
-def check_contract(routing, num_tokens, num_experts):
-    assert routing.token_index.dtype == torch.int64 and routing.expert_index.dtype == torch.int64
-    assert routing.tokens_per_expert.dtype == torch.int64
-    assert routing.logits.shape == (num_tokens, num_experts) and routing.logits.dtype == torch.float32
-    assert routing.aux_loss.dim() == 0
-    assert bool((routing.expert_index[1:] >= routing.expert_index[:-1]).all())
-    assert torch.equal(routing.tokens_per_expert, torch.bincount(routing.expert_index, minlength=num_experts))
 
 
 def dense_weights(routing):

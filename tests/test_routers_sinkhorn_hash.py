@@ -5,29 +5,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from routing_checks import check_contract
 
 import moe
 from moe.routers import HashRouter, SinkhornRouter
 from moe.routers.sinkhorn import sinkhorn
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread avoids thread-pool spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def check_contract(routing, num_tokens, num_experts):
-    assert routing.token_index.dtype == torch.int64 and routing.expert_index.dtype == torch.int64
-    assert routing.tokens_per_expert.dtype == torch.int64
-    assert routing.logits.shape == (num_tokens, num_experts) and routing.logits.dtype == torch.float32
-    assert routing.weight.shape == routing.token_index.shape == routing.expert_index.shape
-    assert routing.aux_loss.dim() == 0
-    assert bool((routing.expert_index[1:] >= routing.expert_index[:-1]).all())
-    assert torch.equal(routing.tokens_per_expert, torch.bincount(routing.expert_index, minlength=num_experts))
 
 
 def reference_sinkhorn(logits, iterations):
