@@ -276,3 +276,23 @@ def test_bad_arguments_raise_naming_the_value(kwargs, match):
 def test_groups_kept_must_be_an_int():
     with pytest.raises(TypeError, match="groups_kept must be an int"):
         TopKRouter(8, 4, 2, num_groups=2, groups_kept=1.5)
+
+
+def test_router_maths_stays_float32_under_autocast():
+    router = TopKRouter(16, 8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(torch.randn(12, 16))
+    assert routing.logits.dtype == torch.float32 and routing.weight.dtype == torch.float32
+
+
+def test_balancing_bias_and_counts_survive_a_bf16_model():
+    router = TopKRouter(16, 8, 2, bias_update_rate=1e-3).to(torch.bfloat16)
+    assert router.expert_bias.dtype == torch.float32 and router.step_load.dtype == torch.int64
+    router.expert_bias.fill_(1.0)
+    router.train()
+    for _ in range(3):
+        router(torch.randn(3000, 16, dtype=torch.bfloat16))
+    assert int(router.step_load.sum()) == 3 * 3000 * 2
+    before = router.expert_bias.clone()
+    moe.update_routers(torch.nn.ModuleList([moe.MoELayer(16, 32, 8, router=router)]))
+    torch.testing.assert_close((router.expert_bias - before).abs(), torch.full((8,), 1e-3), atol=1e-6, rtol=0)

@@ -63,13 +63,6 @@ def test_empty_input_returns_no_pairs():
     assert routing.token_index.numel() == 0 and routing.num_requested == 0 and routing.dropped_fraction == 0.0
 
 
-def test_fewer_tokens_than_capacity_counts_the_shortfall_as_dropped():
-    router = ExpertChoiceRouter(16, 4, capacity_factor=8.0)
-    routing = router(torch.randn(3, 16))  # C = ceil(3 * 8 / 4) = 6 > T = 3
-    assert routing.tokens_per_expert.tolist() == [3, 3, 3, 3]
-    assert routing.dropped_fraction == pytest.approx(1 - 12 / 24)
-
-
 def test_aux_loss_is_the_weighted_z_loss_and_zero_by_default():
     x = torch.randn(20, 16)
     router = ExpertChoiceRouter(16, 4, z_loss_coef=1e-3)
@@ -133,3 +126,9 @@ def test_property_counts_and_contract(num_tokens, num_experts, hidden, capacity_
 def test_bad_z_loss_coef_raises_naming_it(z_loss_coef, error):
     with pytest.raises(error, match="z_loss_coef"):
         ExpertChoiceRouter(16, 4, z_loss_coef=z_loss_coef)
+
+
+def test_capacity_above_the_token_count_drops_nothing():
+    router = ExpertChoiceRouter(8, 4, capacity_factor=16.0)  # C = ceil(5 * 16 / 4) = 20 > T = 5
+    routing = router(torch.randn(5, 8))
+    assert routing.token_index.numel() == 4 * 5 and routing.dropped_fraction == 0.0

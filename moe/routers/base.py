@@ -61,7 +61,8 @@ class Router(nn.Module):
         Raises on non-finite values (device-side assert on CUDA, no host sync).
         """
         dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = torch.nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this linear in bf16
+            logits = torch.nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
         finite = torch.isfinite(logits).all()
         message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
         if logits.is_cuda:

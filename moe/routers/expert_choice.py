@@ -20,7 +20,7 @@ class ExpertChoiceRouter(Router):
     ``C = ceil(T * capacity_factor / E)`` largest ``S[:, e]`` (all T tokens when T < C) and the
     combine weight is ``S[t, e]``, differentiable w.r.t. the gate. Every expert processes exactly
     ``min(C, T)`` tokens, so the load is perfectly balanced by construction and needs no balancing
-    loss; ``num_requested`` is ``E * C``.
+    loss; ``num_requested`` is ``E * min(C, T)``, so nothing counts as dropped.
 
     Not causal: the tokens of one batch compete for each expert's slots, so whether token t is
     routed depends on the tokens after it. A decoder language model trained with it sees the future
@@ -63,7 +63,7 @@ class ExpertChoiceRouter(Router):
             tokens_per_expert,
             logits,
             aux_loss,
-            num_requested=self.num_experts * capacity,
+            num_requested=self.num_experts * taken,  # an expert cannot want more than all T tokens
         )
 
     def extra_repr(self) -> str:

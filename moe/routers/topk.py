@@ -124,7 +124,8 @@ class TopKRouter(Router):
         if bias_update_rate is not None:
             check_positive_float("bias_update_rate", bias_update_rate)
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
-            self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+            # int64 so that model.to(dtype) leaves the step's counts exact (see also _apply for the bias).
+            self.register_buffer("step_load", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity ``ceil(k * T / E * capacity_factor)``, or None when dropless."""
@@ -160,7 +161,7 @@ class TopKRouter(Router):
 
         counts = count_per_expert(chosen.flatten(), self.num_experts)
         if self.training and self.bias_update_rate is not None:
-            self.step_load += counts.float()
+            self.step_load += counts
         aux_loss = self._aux_loss(logits, scores, chosen, counts, seq_len or num_tokens)
 
         token_index = torch.arange(num_tokens, device=x.device).repeat_interleave(self.top_k)
@@ -207,12 +208,21 @@ class TopKRouter(Router):
             )
         return total
 
+    def _apply(self, fn, recurse=True):
+        # The balancing bias stays float32 under model.to(bf16): gamma = 1e-3 steps vanish in bf16 rounding.
+        bias = self._buffers.get("expert_bias")
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self._buffers["expert_bias"]
+            self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return self
+
     @torch.no_grad()
     def step_update(self, process_group: dist.ProcessGroup | None = None) -> None:
         """Aux-loss-free balancing: ``b_e += gamma * sign(mean(c) - c_e)`` over the step's loads."""
         if self.bias_update_rate is None:
             return
-        load = all_reduce_if_distributed(self.step_load.clone(), process_group)
+        load = all_reduce_if_distributed(self.step_load.clone(), process_group).float()
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.step_load.zero_()
 
