@@ -110,3 +110,10 @@ def test_safetensors_export_keeps_tied_weights_and_buffers(tmp_path):
     assert torch.equal(tensors["router_bias"], torch.arange(3.0))
     stored = [t for name, t in tensors.items() if name != "router_bias"]
     assert len(stored) == 1 and torch.equal(stored[0], model[0].weight.detach())
+
+
+def test_a_saved_checkpoint_is_never_overwritten(tmp_path):
+    path = save_checkpoint(tmp_path, 5, _state(5.0), keep=3)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save_checkpoint(tmp_path, 5, _state(6.0), keep=3)
+    assert torch.equal(load_checkpoint(path)["weights"], torch.full((3, 4), 5.0))

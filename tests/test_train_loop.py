@@ -199,3 +199,30 @@ def test_gradient_accumulation_matches_a_hand_written_step(corpus, tmp_path):
     for key, value in reference.items():
         torch.testing.assert_close(trained[key], value, rtol=1e-6, atol=1e-7, msg=key)
     assert any(key.endswith("expert_bias") and value.abs().sum() > 0 for key, value in reference.items())
+
+
+def test_extending_max_steps_extends_the_schedule(corpus, tmp_path):
+    """With decay_steps following max_steps, 4 steps + resume to 8 gives the 8-step run's learning rates."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(tiny(corpus, tmp_path, trainer={"max_steps": 8}), whole)
+    train(tiny(corpus, tmp_path, trainer={"max_steps": 4}), split)
+    train(tiny(corpus, tmp_path, trainer={"max_steps": 8}), split)
+    lrs = [[r["lr"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train" and r["step"] > 4]
+           for d in (whole, split)]
+    assert lrs[1] == pytest.approx(lrs[0], rel=1e-12)
+
+
+def test_resume_with_other_optimizer_settings_is_refused(corpus, tmp_path):
+    train(tiny(corpus, tmp_path, trainer={"max_steps": 2}), tmp_path / "run")
+    with pytest.raises(CheckpointMismatchError, match=r"optim.lr: checkpoint 0.003, config 0.01"):
+        train(tiny(corpus, tmp_path, trainer={"max_steps": 4}, optim={"lr": 0.01}), tmp_path / "run")
+
+
+def test_a_run_never_rotates_away_later_checkpoints_of_its_directory(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(corpus, tmp_path, trainer={"max_steps": 4}), run)
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for resume in ("none", str(run / "checkpoints" / "ckpt-00000002.pt")):
+        with pytest.raises(CheckpointMismatchError, match="already hold later steps"):
+            train(tiny(corpus, tmp_path, trainer={"max_steps": 4, "resume": resume}), run)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved

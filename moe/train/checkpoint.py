@@ -74,10 +74,14 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict:
-    """RNG states of torch (CPU and every CUDA device), numpy and Python's ``random``."""
+    """RNG states of torch (CPU and the current CUDA device), numpy and Python's ``random``.
+
+    Only the current device: every rank is seeded alike and uses its own device, so rank 0's device state
+    is every rank's (saving all devices would also create a CUDA context on each of them).
+    """
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
@@ -86,8 +90,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what ``rng_state`` captured."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 
@@ -100,6 +104,8 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
+    if path.exists():
+        raise FileExistsError(f"checkpoint {path} already exists; refusing to overwrite a saved checkpoint")
     with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
         torch.save({"format": FORMAT_VERSION, **state}, f)
         f.flush()
@@ -108,7 +114,7 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     atomic_write_bytes(path.with_name(path.name + ".sha256"), (_sha256(Path(f.name)) + "\n").encode())
     os.replace(f.name, path)
     _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep]:
+    for old in [p for p in list_checkpoints(directory)[:-keep] if p != path]:
         old.unlink()
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
@@ -150,6 +156,29 @@ def check_architecture(saved: dict, current: dict, path: Path) -> None:
     if diffs:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written for a different model config; mismatched keys:\n  " + "\n  ".join(diffs)
+        )
+
+
+def check_same_optimizer(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume with different ``optim.*`` values: the restored optimizer would silently keep the saved
+    ones (learning rate, betas, weight decay, schedule), so a changed value would not take effect."""
+    diffs = [f"optim.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was trained with other optimizer settings; resume with the same values or start a "
+            "new run directory:\n  " + "\n  ".join(diffs)
+        )
+
+
+def check_no_later_checkpoints(directory: Path, start_step: int) -> None:
+    """Refuse to start at ``start_step`` when ``directory`` holds later checkpoints (of another run or a
+    newer point of this one): this run would rotate them away or mix two histories in one directory."""
+    later = [p.name for p in list_checkpoints(directory) if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > start_step]
+    if later:
+        raise CheckpointMismatchError(
+            f"the run directory's checkpoints {Path(directory)} already hold later steps ({', '.join(later)}) than "
+            f"this run starts from (step {start_step}); use trainer.resume=auto to continue the newest, or a new "
+            "hydra.run.dir to start another run"
         )
 
 

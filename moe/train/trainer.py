@@ -25,6 +25,8 @@ import moe
 from moe.train.checkpoint import (
     atomic_write_bytes,
     check_architecture,
+    check_no_later_checkpoints,
+    check_same_optimizer,
     checkpoint_path,
     export_safetensors,
     load_checkpoint,
@@ -268,10 +270,18 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
         check_architecture(state["architecture"], arch, resume_from)
         plan.load_model_state(raw_model, state["model"])
         plan.load_optimizer_state(raw_model, optimizer, state["optimizer"])
+        check_same_optimizer(state["config"]["optim"], to_dict(cfg)["optim"], resume_from)
         scheduler.load_state_dict(state["scheduler"])
+        # The schedule's length follows this run's trainer.max_steps (a longer run extends the cosine).
+        scheduler.lr_lambdas[0].__dict__.update(
+            WarmupCosine(cfg.optim.warmup_steps, decay_steps, cfg.optim.min_lr_ratio).__dict__
+        )
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step, tokens_seen, last_ckpt = state["step"], state["tokens_seen"], resume_from
+    check_no_later_checkpoints(ckpt_dir, step)
     layers = moe.moe_layers(raw_model)
     layer_names = [name for name, _ in layers]
 
