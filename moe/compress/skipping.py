@@ -9,7 +9,7 @@ from torch import nn
 from moe.compress.calibration import Calibration
 from moe.layer import moe_layers
 from moe.routers import Router
-from moe.routing import Routing
+from moe.routing import Routing, count_per_expert
 
 
 class SkippingRouter(Router):
@@ -51,7 +51,7 @@ class SkippingRouter(Router):
             token_index=inner.token_index[keep],
             expert_index=kept_experts,
             weight=inner.weight[keep],
-            tokens_per_expert=torch.bincount(kept_experts, minlength=self.num_experts),
+            tokens_per_expert=count_per_expert(kept_experts, self.num_experts),
             logits=inner.logits,
             aux_loss=inner.aux_loss,
             num_requested=inner.num_requested - skipped,

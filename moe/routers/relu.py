@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from moe.losses import load_balancing_loss
 from moe.routers.base import Router, all_reduce_if_distributed, check_positive_float, check_top_k
-from moe.routing import Routing
+from moe.routing import Routing, count_per_expert
 
 
 class ReLURouter(Router):
@@ -66,7 +66,7 @@ class ReLURouter(Router):
         relu = torch.relu(logits)
         pairs = relu.detach().t().nonzero()  # (N, 2) rows (expert, token), grouped by expert
         expert_index, token_index = pairs[:, 0], pairs[:, 1]
-        tokens_per_expert = torch.bincount(expert_index, minlength=self.num_experts)
+        tokens_per_expert = count_per_expert(expert_index, self.num_experts)
         weight = relu[token_index, expert_index]
         if self.training:
             self.step_active_pairs += expert_index.numel()
