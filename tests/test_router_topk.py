@@ -296,3 +296,9 @@ def test_balancing_bias_and_counts_survive_a_bf16_model():
     before = router.expert_bias.clone()
     moe.update_routers(torch.nn.ModuleList([moe.MoELayer(16, 32, 8, router=router)]))
     torch.testing.assert_close((router.expert_bias - before).abs(), torch.full((8,), 1e-3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("coef", [-1e-3, float("inf"), float("nan")])
+def test_loss_coefficients_must_be_finite_and_nonnegative(coef):
+    with pytest.raises(ValueError, match="load_balancing_coef must be a finite number >= 0"):
+        TopKRouter(8, 4, 2, load_balancing_coef=coef)

@@ -35,6 +35,15 @@ def check_positive_float(name: str, value) -> float:
     return float(value)
 
 
+def check_nonnegative_float(name: str, value) -> float:
+    """Return ``value`` as float if it is a finite number >= 0 (a loss coefficient), else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
 class NonFiniteLogitsError(ValueError, FloatingPointError):
     """Router logits contain NaN or inf; the message names the MoE layer."""
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from moe.losses import z_loss
-from moe.routers.base import Router, check_positive_float
+from moe.routers.base import Router, check_nonnegative_float, check_positive_float
 from moe.routing import Routing, from_expert_major
 
 
@@ -37,11 +37,7 @@ class ExpertChoiceRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float = 2.0, z_loss_coef: float = 0.0):
         super().__init__(hidden_size, num_experts)
         self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)
-        if isinstance(z_loss_coef, bool) or not isinstance(z_loss_coef, (int, float)):
-            raise TypeError(f"z_loss_coef must be a number, got {z_loss_coef!r}")
-        if not 0 <= z_loss_coef < float("inf"):
-            raise ValueError(f"z_loss_coef must be a finite number >= 0, got {z_loss_coef}")
-        self.z_loss_coef = float(z_loss_coef)
+        self.z_loss_coef = check_nonnegative_float("z_loss_coef", z_loss_coef)
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens per expert ``C = ceil(T * capacity_factor / E)`` before the ``min(C, T)`` cap."""

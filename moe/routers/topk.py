@@ -11,6 +11,7 @@ from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
 from moe.routers.base import (
     Router,
     all_reduce_if_distributed,
+    check_nonnegative_float,
     check_positive_float,
     check_positive_int,
     check_top_k,
@@ -92,8 +93,7 @@ class TopKRouter(Router):
             ("z_loss_coef", z_loss_coef),
             ("sequence_balance_coef", sequence_balance_coef),
         ]:
-            if not coef >= 0:
-                raise ValueError(f"{name} must be >= 0, got {coef}")
+            check_nonnegative_float(name, coef)
         if (num_groups is None) != (groups_kept is None):
             raise ValueError(
                 f"num_groups and groups_kept go together, got num_groups={num_groups}, groups_kept={groups_kept}"
