@@ -2,6 +2,8 @@
 
 import torch
 
+import moe
+
 
 def check_contract(routing, num_tokens, num_experts):
     """Assert every field of the Routing contract (docs/architecture.md) for T tokens and E experts."""
@@ -19,3 +21,24 @@ def check_contract(routing, num_tokens, num_experts):
         assert 0 <= routing.expert_index.min() and routing.expert_index.max() < num_experts
     pairs = set(zip(routing.token_index.tolist(), routing.expert_index.tolist()))
     assert len(pairs) == n[0]  # no (token, expert) pair twice
+
+
+def gradcheck_router(router, num_tokens: int = 6, with_aux_loss: bool = False) -> bool:
+    """float64 gradcheck of a router's combine weights (and aux loss) w.r.t. its input and gate weights."""
+    router = router.double()
+    x = torch.randn(num_tokens, router.hidden_size, dtype=torch.float64, requires_grad=True)
+    gate = router.gate.weight.detach().clone().requires_grad_()
+
+    def outputs(inp, w):
+        routing = torch.func.functional_call(router, {"gate.weight": w}, (inp,))
+        return (routing.weight, routing.aux_loss) if with_aux_loss else routing.weight
+
+    return torch.autograd.gradcheck(outputs, (x, gate))
+
+
+def gradcheck_layer(router: str, shape=(2, 3, 4), **router_kwargs) -> bool:
+    """float64 gradcheck of a whole MoELayer (loop experts: grouped_mm has no float64) with ``router``."""
+    hidden = shape[-1]
+    layer = moe.MoELayer(hidden, hidden + 2, 3, router=router, experts="loop", activation="gelu", **router_kwargs)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    return torch.autograd.gradcheck(layer.double(), (x,))
