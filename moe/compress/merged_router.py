@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.distributed as dist
 
+from moe.compress.wrapping_router import WrappingRouter
 from moe.routers import Router, build_router
 from moe.routers.base import check_positive_int
 from moe.routing import Routing, group_by_expert
@@ -22,7 +22,7 @@ def group_logsumexp(logits: torch.Tensor, expert_to_group: torch.Tensor, num_gro
     return peak + mass.log()
 
 
-class MergedRouter(Router):
+class MergedRouter(WrappingRouter):
     """Routes exactly like the router it wraps, then sends each pair to its expert's merged group.
 
     Why not merge the router rows: a group's routing mass under softmax is ``Σ_{e∈g} exp(z_e)``, which
@@ -58,7 +58,6 @@ class MergedRouter(Router):
         **router_kwargs,
     ):
         super().__init__(hidden_size, num_experts)
-        del self.gate
         if expert_to_group is None:
             if source_experts is None:
                 raise ValueError("give expert_to_group or source_experts")
@@ -90,15 +89,9 @@ class MergedRouter(Router):
         device = next(itertools.chain(source.parameters(), source.buffers())).device
         self.register_buffer("expert_to_group", expert_to_group.to(device))
 
-    @property
-    def top_k(self) -> int:
-        """The wrapped router's experts per token (pairs per token before the map)."""
-        return self.source.top_k
-
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
         """The wrapped router's pairs with each expert replaced by its group (weights unchanged)."""
-        self.source.layer_name = self.layer_name
-        inner = self.source.route(x, seq_len=seq_len, token_ids=token_ids)
+        inner = self.route_source(x, seq_len=seq_len, token_ids=token_ids)
         group_logits = group_logsumexp(inner.logits, self.expert_to_group, self.num_experts)
         return group_by_expert(
             inner.token_index,
@@ -108,15 +101,3 @@ class MergedRouter(Router):
             inner.aux_loss,
             inner.num_requested,
         )
-
-    @classmethod
-    def update_group(cls, routers: list[MergedRouter], process_group: dist.ProcessGroup | None = None) -> None:
-        """Run the wrapped routers' per-step updates, grouped by their own class."""
-        by_class: dict[type, list[Router]] = {}
-        for router in routers:
-            by_class.setdefault(type(router.source), []).append(router.source)
-        for source_cls, sources in by_class.items():
-            source_cls.update_group(sources, process_group)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, source_experts={self.expert_to_group.numel()}"

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moe.compress.calibration import Calibration
+from moe.compress.wrapping_router import WrappingRouter
 from moe.layer import moe_layers
 from moe.routers import Router
 from moe.routing import Routing, count_per_expert
 
 
-class SkippingRouter(Router):
+class SkippingRouter(WrappingRouter):
     """Wraps a top-2 router and drops a token's second expert when ``w2 < beta * w1``.
 
     The first expert keeps its weight unchanged (no renormalisation), as in the paper. ``beta`` is a
@@ -23,7 +23,6 @@ class SkippingRouter(Router):
 
     def __init__(self, router: Router, beta: float):
         super().__init__(router.hidden_size, router.num_experts)
-        del self.gate
         if getattr(router, "top_k", None) != 2:
             raise ValueError(f"dynamic skipping needs a top-2 router, got top_k={getattr(router, 'top_k', None)}")
         if not 0.0 <= beta <= 1.0:
@@ -32,15 +31,9 @@ class SkippingRouter(Router):
         self.register_buffer("beta", torch.tensor(float(beta)))
         self.last_skip_fraction: torch.Tensor | None = None
 
-    @property
-    def top_k(self) -> int:
-        """The wrapped router's experts per token (before skipping)."""
-        return self.source.top_k
-
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
         """The wrapped router's routing less the second pairs with ``w2 < beta * w1``."""
-        self.source.layer_name = self.layer_name
-        inner = self.source.route(x, seq_len=seq_len, token_ids=token_ids)
+        inner = self.route_source(x, seq_len=seq_len, token_ids=token_ids)
         weight = inner.weight.detach().float()
         first = weight.new_zeros(inner.num_tokens).scatter_reduce(0, inner.token_index, weight, "amax")
         keep = weight >= self.beta * first[inner.token_index]
@@ -56,15 +49,6 @@ class SkippingRouter(Router):
             aux_loss=inner.aux_loss,
             num_requested=inner.num_requested - skipped,
         )
-
-    @classmethod
-    def update_group(cls, routers: list[SkippingRouter], process_group: dist.ProcessGroup | None = None) -> None:
-        """Run the wrapped routers' per-step updates, grouped by their own class."""
-        by_class: dict[type, list[Router]] = {}
-        for router in routers:
-            by_class.setdefault(type(router.source), []).append(router.source)
-        for source_cls, sources in by_class.items():
-            source_cls.update_group(sources, process_group)
 
 
 def skipping_betas(calibration: Calibration) -> dict[str, float]:
