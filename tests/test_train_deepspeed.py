@@ -5,14 +5,11 @@ DeepSpeed and DDP in both directions."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from train_runs import run_moe_train
 
 from moe.train.config import TrainerSchema
 from moe.train.parallel import ParallelPlan
@@ -34,14 +31,8 @@ GLOBAL_BATCH = 8  # sequences per optimizer step: batch_size x world size x 2 mi
 
 def _train(run_dir: Path, nproc: int, *overrides: str) -> list[tuple[int, float, float]]:
     """Run moe-train (torchrun when nproc > 1) and return its (step, loss, grad_norm) records."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    command = [sys.executable, *launcher, "-m", "moe.train", *SMALL, f"data.batch_size={GLOBAL_BATCH // nproc // 2}",
-               f"hydra.run.dir={run_dir}", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"]
+    records = run_moe_train(run_dir, nproc, [*SMALL, f"data.batch_size={GLOBAL_BATCH // nproc // 2}", *overrides])
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records]
 
 
 def _assert_same_curve(actual, expected, label):

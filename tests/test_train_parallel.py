@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_runs import run_moe_train
 
 from moe.train.parallel import ParallelPlan
 
@@ -24,14 +25,8 @@ GLOBAL_BATCH = 8
 
 def _train(run_dir: Path, nproc: int, *overrides: str) -> list[tuple[int, float]]:
     """Run moe-train (torchrun when nproc > 1) and return its (step, loss) records."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    command = [sys.executable, *launcher, "-m", "moe.train", *SMALL, f"data.batch_size={GLOBAL_BATCH // nproc}",
-               f"hydra.run.dir={run_dir}", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    records = run_moe_train(run_dir, nproc, [*SMALL, f"data.batch_size={GLOBAL_BATCH // nproc}", *overrides])
+    return [(r["step"], r["loss"]) for r in records]
 
 
 def _assert_same_curve(actual, expected, label):
