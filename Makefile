@@ -18,7 +18,8 @@ train: setup
 	moe-train
 
 test: setup-test
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q
 
-lint:
-	$(PYTHON) -m ruff check --line-length 120 moe kernels tests
+lint: setup-test
+	$(PYTHON) -m ruff check moe kernels tests
+	$(PYTHON) -m ruff format --check moe kernels tests

@@ -2,9 +2,10 @@
 each token's pair rows (combine), no atomics.
 
 ``scatter_rows`` writes ``out[r] = scale[r] * src[t]`` for each pair row r of token t (optionally also
-``dot[r] = <src[t], other[r]>``) and ``segment_sum`` writes ``out[t] = sum_p weight[rows[p]] * src[rows[p]]`` over ``p in [ptr[t], ptr[t + 1])``
-in that fixed order, accumulating in float32. Each output row is written by exactly one program, so every
-result is bitwise reproducible. Both are memory bound: one read of the rows they touch and one write.
+``dot[r] = <src[t], other[r]>``) and ``segment_sum`` writes
+``out[t] = sum_p weight[rows[p]] * src[rows[p]]`` over ``p in [ptr[t], ptr[t + 1])`` in that fixed order,
+accumulating in float32. Each output row is written by exactly one program, so every result is bitwise
+reproducible. Both are memory bound: one read of the rows they touch and one write.
 """
 
 from __future__ import annotations

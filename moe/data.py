@@ -10,9 +10,9 @@ Sources (``prepare_tokens``):
 
 Byte corpora of several files are split by file (a file lands wholly in train or in validation, decided
 by a hash of its relative path); a single text file is split by position (its last ``val_fraction`` of
-bytes is validation). Byte corpora are cached under ``cache_dir`` (default ``$MOE_CACHE`` or ``~/.cache/moe``) as ``uint8``
-token files, in a folder whose name is a digest of the source (paths, sizes, modification times) and
-the split settings: a changed source gets a fresh cache, an unchanged one is reused.
+bytes is validation). Byte corpora are cached under ``cache_dir`` (default ``$MOE_CACHE`` or
+``~/.cache/moe``) as ``uint8`` token files, in a folder whose name is a digest of the source (paths,
+sizes, modification times) and the split settings: a changed source gets a fresh cache, an unchanged one is reused.
 """
 
 from __future__ import annotations
@@ -400,7 +400,8 @@ def eval_batches(
         num_batches = (len(tokens) - 1) // seq_len // global_batch
         if num_batches == 0:
             raise ValueError(
-                f"the split has {len(tokens)} tokens: too few for one global batch of {global_batch} x seq_len={seq_len}"
+                f"the split has {len(tokens)} tokens: too few for one global batch of "
+                f"{global_batch} x seq_len={seq_len}"
             )
     elif isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")

@@ -69,12 +69,25 @@ def from_hf_block(block: nn.Module) -> MoELayer:
     num_experts, hidden = gate.weight.shape
     ffn = block.experts.down_proj.shape[-1]
     if kind == "MixtralSparseMoeBlock":
-        router = TopKRouter(hidden, num_experts, top_k=gate.top_k, normalize_weights=True,
-                            jitter_eps=float(block.jitter_noise), load_balancing_coef=0.0, z_loss_coef=0.0)
+        router = TopKRouter(
+            hidden,
+            num_experts,
+            top_k=gate.top_k,
+            normalize_weights=True,
+            jitter_eps=float(block.jitter_noise),
+            load_balancing_coef=0.0,
+            z_loss_coef=0.0,
+        )
         shared = {}
     else:
-        router = TopKRouter(hidden, num_experts, top_k=gate.top_k, normalize_weights=bool(gate.norm_topk_prob),
-                            load_balancing_coef=0.0, z_loss_coef=0.0)
+        router = TopKRouter(
+            hidden,
+            num_experts,
+            top_k=gate.top_k,
+            normalize_weights=bool(gate.norm_topk_prob),
+            load_balancing_coef=0.0,
+            z_loss_coef=0.0,
+        )
         shared = {"shared_ffn_hidden_size": block.shared_expert.down_proj.in_features, "shared_expert_gate": True}
     layer = MoELayer(hidden, ffn, num_experts, router=router, activation="swiglu", **shared)
     layer.to(device=gate.weight.device, dtype=block.experts.gate_up_proj.dtype)

@@ -123,14 +123,10 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Route, run the experts and combine; ``token_ids`` (x's leading shape) feed the hash router."""
         if x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"input last dimension must be hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"input last dimension must be hidden_size={self.hidden_size}, got shape {tuple(x.shape)}")
         seq_len = x.shape[-2] if x.dim() >= 3 else None
         flat = x.reshape(-1, self.hidden_size)
-        routing = self.router(
-            flat, seq_len=seq_len, token_ids=None if token_ids is None else token_ids.reshape(-1)
-        )
+        routing = self.router(flat, seq_len=seq_len, token_ids=None if token_ids is None else token_ids.reshape(-1))
         dispatched = self.dispatcher.permute(flat, routing)
         expert_out = self.experts(dispatched.rows, dispatched.tokens_per_expert)
         out = self.dispatcher.combine(expert_out, dispatched, routing)

@@ -34,7 +34,8 @@ class ModelConfig:
     ``moe_every``: 1 = an MoE feed-forward in every layer, n = in layers n, 2n, ... (1-based), 0 = dense
     model (no MoE layer). ``shared_experts``: always-on experts of width ``ffn_hidden_size`` each.
     ``router`` names an entry of ``moe.routers.ROUTERS``, built with ``router_kwargs`` plus ``top_k`` and
-    ``vocab_size`` when the router's constructor takes them. ``experts`` names an entry of ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``kernels`` selects the Triton permute/combine
+    ``vocab_size`` when the router's constructor takes them. ``experts`` names an entry of
+    ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``kernels`` selects the Triton permute/combine
     (and fused top-k router) of ``moe.kernels`` on CUDA.
     """
 
@@ -282,8 +283,8 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward): ``6 * N + 12 * L * H * seq_len``.
 
         ``N`` = active parameters that take part in a matmul: ``num_active_params()`` less the input
-        embedding table when it is not tied (a lookup, no FLOPs) and the norm weights; the output head's V x H matmul counts
-        whether tied or not. ``12 * L * H * seq_len`` is attention's QK^T and AV matmuls (2 * 2 * H * T
+        embedding table when it is not tied (a lookup, no FLOPs) and the norm weights; the output head's V x H
+        matmul counts whether tied or not. ``12 * L * H * seq_len`` is attention's QK^T and AV matmuls (2 * 2 * H * T
         forward per layer, times 3 for forward + backward) over a full ``seq_len`` context, the usual
         convention (PaLM, nanoGPT); causal masking could halve it. Norms, softmax and rotary are ignored.
         """

@@ -78,8 +78,10 @@ def _fmt(value, spec: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """Rows sorted by final validation loss, as a markdown table."""
-    header = ("| run | params (active) | steps | val loss | val bits/byte | ÷ unigram entropy | tokens/s "
-              "| load max/mean |\n|---|---|---|---|---|---|---|---|")
+    header = (
+        "| run | params (active) | steps | val loss | val bits/byte | ÷ unigram entropy | tokens/s "
+        "| load max/mean |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [header]
     for row in sorted(rows, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0)):
         params = "-" if row["params"] is None else f"{row['params'] / 1e6:.2f}M ({row['active_params'] / 1e6:.2f}M)"

@@ -6,15 +6,22 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[hf])")
 pytest.importorskip("scipy", reason="moe.compress merging needs scipy")
 
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM  # noqa: E402 (after the importorskip calls)
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402 (after the importorskip calls)
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402 (after the importorskip calls)
 
-import moe
-from moe import interop
+import moe  # noqa: E402 (after the importorskip calls)
+from moe import interop  # noqa: E402 (after the importorskip calls)
 
-SMALL = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 64, "num_experts_per_tok": 2}
+SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "num_experts_per_tok": 2,
+}
 
 
 def mixtral_config():
@@ -22,8 +29,13 @@ def mixtral_config():
 
 
 def qwen_config(norm_topk_prob):
-    return Qwen2MoeConfig(num_experts=6, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-                          norm_topk_prob=norm_topk_prob, **SMALL)
+    return Qwen2MoeConfig(
+        num_experts=6,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=norm_topk_prob,
+        **SMALL,
+    )
 
 
 def randomised(block):

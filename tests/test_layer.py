@@ -177,7 +177,11 @@ def test_gradcheck_float64_through_router_and_experts(activation, top_k):
         ({"capacity_factor": -0.5}, ValueError, r"capacity_factor.*-0.5"),
         ({"router": "nope"}, ValueError, r"unknown router 'nope'; valid: \[.*'topk'.*\]"),
         ({"activation": "tanh"}, ValueError, r"activation must be one of \('gelu', 'relu', 'swiglu'\), got 'tanh'"),
-        ({"experts": "megablocks"}, ValueError, r"unknown experts implementation 'megablocks'; valid: \['grouped', 'loop'\]"),
+        (
+            {"experts": "megablocks"},
+            ValueError,
+            r"unknown experts implementation 'megablocks'; valid: \['grouped', 'loop'\]",
+        ),
         ({"experts": 3}, TypeError, r"experts must be a name"),
         ({"router": 3}, TypeError, r"router must be a name"),
         ({"hidden_size": 2.5}, TypeError, r"hidden_size must be an int"),

@@ -11,8 +11,9 @@ def run_moe_train(run_dir: Path, nproc: int, overrides: list[str]) -> list[dict]
     """Train with ``overrides`` in ``run_dir`` on ``nproc`` CPU processes; return the train records of metrics.jsonl."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     command = [sys.executable, *launcher, "-m", "moe.train", *overrides, f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=False, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["kind"] == "train"]

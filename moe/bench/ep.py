@@ -53,8 +53,9 @@ def _free_port() -> int:
 def init(device_type: str) -> torch.device:
     """Join torchrun's process group, or start a one-process group when run without torchrun."""
     if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     if device_type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -99,7 +100,9 @@ def bench_all_to_all(sizes_mib: list[float], device, dtype, warmup: int, repeats
         ms = timed(lambda send=send, recv=recv: dist.all_to_all_single(recv, send), device, warmup, repeats)
         nbytes = numel * dtype.itemsize
         algbw = nbytes / (ms * 1e-3) / 1e9
-        rows.append({"size_mib": nbytes / 2**20, "ms": ms, "algbw_gbps": algbw, "busbw_gbps": algbw * (world - 1) / world})
+        rows.append(
+            {"size_mib": nbytes / 2**20, "ms": ms, "algbw_gbps": algbw, "busbw_gbps": algbw * (world - 1) / world}
+        )
     return rows
 
 
@@ -112,8 +115,9 @@ def _layer_step(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor):
     return step
 
 
-def bench_layer(shape: dict, ep_size: int, dispatcher: str, device, dtype, activation: str, warmup: int,
-                repeats: int) -> dict:
+def bench_layer(
+    shape: dict, ep_size: int, dispatcher: str, device, dtype, activation: str, warmup: int, repeats: int
+) -> dict:
     """Forward + backward of one MoE layer with experts split over ``ep_size`` ranks (or the local dispatcher)."""
     groups = init_expert_parallel(ep_size, shape["experts"]) if dispatcher == "expert_parallel" else None
     torch.manual_seed(0)
@@ -160,8 +164,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key in ("tokens", "hidden", "ffn", "experts", "top_k"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"override the shape's {key}")
     parser.add_argument("--activation", choices=("swiglu", "gelu", "relu"), default="swiglu")
-    parser.add_argument("--ep-sizes", default=None, help="comma list; default: every divisor of the world size "
-                        "that divides the expert count")
+    parser.add_argument(
+        "--ep-sizes",
+        default=None,
+        help="comma list; default: every divisor of the world size that divides the expert count",
+    )
     parser.add_argument("--sizes-mib", default=SIZES_MIB, help="all-to-all send sizes per rank, MiB, comma list")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
@@ -208,14 +215,25 @@ def main(argv=None) -> dict:
         "ep1_overhead_vs_local": None if ep1 is None else ep1["ms"] / local_ms - 1.0,
     }
     if rank == 0:
-        print(_table(f"all-to-all, world size {world} ({result['backend']}, {result['dtype']})", a2a,
-                     ["size_mib", "ms", "algbw_gbps", "busbw_gbps"]))
+        print(
+            _table(
+                f"all-to-all, world size {world} ({result['backend']}, {result['dtype']})",
+                a2a,
+                ["size_mib", "ms", "algbw_gbps", "busbw_gbps"],
+            )
+        )
         print()
-        print(_table(f"MoE layer fwd+bwd per GPU, {shape}", layers,
-                     ["dispatcher", "ep_size", "local_experts", "ms", "tokens_per_s_per_gpu", "tflops_per_gpu",
-                      "peak_gib"]))
+        print(
+            _table(
+                f"MoE layer fwd+bwd per GPU, {shape}",
+                layers,
+                ["dispatcher", "ep_size", "local_experts", "ms", "tokens_per_s_per_gpu", "tflops_per_gpu", "peak_gib"],
+            )
+        )
         if ep1 is not None:
-            print(f"\nEP dispatcher at ep_size 1 vs local dispatcher: {100 * result['ep1_overhead_vs_local']:+.1f}% time")
+            print(
+                f"\nEP dispatcher at ep_size 1 vs local dispatcher: {100 * result['ep1_overhead_vs_local']:+.1f}% time"
+            )
         tmp = f"{args.out}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)

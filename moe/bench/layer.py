@@ -147,8 +147,10 @@ def _stages(layer: MoELayer, x: torch.Tensor, repeats: int) -> dict:
         weighted.weight.grad = None
         layer.dispatcher.combine(y_leaf, dispatched, weighted).backward(g_out)
 
-    return {name: time_cuda(fn, repeats=repeats) for name, fn in
-            [("router", router), ("permute", permute), ("experts", experts), ("combine", combine)]}
+    return {
+        name: time_cuda(fn, repeats=repeats)
+        for name, fn in [("router", router), ("permute", permute), ("experts", experts), ("combine", combine)]
+    }
 
 
 def run_shape(name: str, activation: str, variants: list[str], repeats: int, log, router: str = "topk") -> list[dict]:
@@ -172,8 +174,9 @@ def run_shape(name: str, activation: str, variants: list[str], repeats: int, log
             if variant in PEERS:
                 if PEER_ACTIVATION[variant] != activation:
                     continue
-                module, peer_step = PEERS[variant](shape["hidden"], shape["ffn"], shape["experts"], shape["top_k"],
-                                                   torch.bfloat16)
+                module, peer_step = PEERS[variant](
+                    shape["hidden"], shape["ffn"], shape["experts"], shape["top_k"], torch.bfloat16
+                )
                 row.update(_measure(lambda step=peer_step: step(x, grad), module, repeats))
             elif variant == "grouped_mm":
                 if tokens_per_expert is None:
@@ -255,7 +258,9 @@ def plot(results: list[dict], path: str) -> None:
         variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
         width = 0.8 / max(1, len(variants))
         for i, variant in enumerate(variants):
-            values = [next((r["tflops"] for r in rows if r["shape"] == s and r["variant"] == variant), 0) for s in shapes]
+            values = [
+                next((r["tflops"] for r in rows if r["shape"] == s and r["variant"] == variant), 0) for s in shapes
+            ]
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=variant)
         for j, s in enumerate(shapes):
             ax.hlines(TARGETS[s], j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="dashed")
@@ -276,14 +281,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activations", default="gelu,swiglu")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--router", default="topk", choices=ROUTERS,
-                        help="routing of our layers (peers and the loop are top-k only)")
+    parser.add_argument(
+        "--router", default="topk", choices=ROUTERS, help="routing of our layers (peers and the loop are top-k only)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("moe.bench.layer needs a CUDA GPU")
     shapes, activations, variants = (s.split(",") for s in (args.shapes, args.activations, args.variants))
-    for value, valid, what in [(shapes, SHAPES, "shape"), (activations, ("gelu", "swiglu"), "activation"),
-                               (variants, VARIANTS, "variant")]:
+    for value, valid, what in [
+        (shapes, SHAPES, "shape"),
+        (activations, ("gelu", "swiglu"), "activation"),
+        (variants, VARIANTS, "variant"),
+    ]:
         bad = [v for v in value if v not in valid]
         if bad:
             raise SystemExit(f"unknown {what} {bad}; choose from {list(valid)}")

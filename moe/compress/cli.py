@@ -126,8 +126,11 @@ def _compressed_config(cfg, layers) -> dict:
 
 def _counts(model) -> dict:
     experts = sum(layer.experts.w_in.numel() + layer.experts.w_out.numel() for _, layer in moe_layers(model))
-    return {"params": model.num_params(), "active_params_per_token": model.num_active_params(),
-            "expert_params": experts}
+    return {
+        "params": model.num_params(),
+        "active_params_per_token": model.num_active_params(),
+        "expert_params": experts,
+    }
 
 
 def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
@@ -169,18 +172,28 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     before = {"val_loss": evaluate(model, cfg, splits.val, ctx), **_counts(model)}
     timings["eval_before_s"] = time.perf_counter() - started - sum(timings.values())
 
-    sampler = BatchSampler(splits.train, ccfg.calibration_batch_size or cfg.data.batch_size, cfg.model.seq_len,
-                           seed=ccfg.seed)
+    sampler = BatchSampler(
+        splits.train, ccfg.calibration_batch_size or cfg.data.batch_size, cfg.model.seq_len, seed=ccfg.seed
+    )
     batches = [sampler.batch(i) for i in range(ccfg.calibration_batches)]
-    calibration = calibrate(model, batches, forward=lambda m, batch: m(batch[0].to(device)),
-                            memory_budget=ccfg.memory_budget_mb * 2**20)
+    calibration = calibrate(
+        model, batches, forward=lambda m, batch: m(batch[0].to(device)), memory_budget=ccfg.memory_budget_mb * 2**20
+    )
     timings["calibration_s"] = time.perf_counter() - started - sum(timings.values())
     if ccfg.action == "prune":
-        result = prune(model, calibration, method=ccfg.method, num_experts=target, progressive=ccfg.progressive,
-                       max_subsets=ccfg.max_subsets, seed=ccfg.seed)
+        result = prune(
+            model,
+            calibration,
+            method=ccfg.method,
+            num_experts=target,
+            progressive=ccfg.progressive,
+            max_subsets=ccfg.max_subsets,
+            seed=ccfg.seed,
+        )
     else:
-        result = merge(model, calibration, method=ccfg.method, num_experts=target, linkage=ccfg.linkage,
-                       align=ccfg.align)
+        result = merge(
+            model, calibration, method=ccfg.method, num_experts=target, linkage=ccfg.linkage, align=ccfg.align
+        )
     timings["compress_s"] = time.perf_counter() - started - sum(timings.values())
 
     new_config = _compressed_config(cfg, moe_layers(model))
@@ -197,13 +210,19 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     new_cfg = validate(OmegaConf.create(new_config))
     optimizer_state = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
     build_optimizer(rebuilt, new_cfg).load_state_dict(optimizer_state)
-    compression = {"source": str(source), "action": ccfg.action, "method": ccfg.method,
-                   "layers": dict(result)}
+    compression = {"source": str(source), "action": ccfg.action, "method": ccfg.method, "layers": dict(result)}
     new_state = {
-        "step": step, "tokens_seen": state["tokens_seen"], "model": rebuilt.state_dict(),
-        "optimizer": optimizer_state, "scheduler": state["scheduler"], "sampler": state["sampler"],
-        "rng": state["rng"], "config": new_config, "architecture": architecture(new_cfg, vocab_size),
-        "world_size": state["world_size"], "compression": compression,
+        "step": step,
+        "tokens_seen": state["tokens_seen"],
+        "model": rebuilt.state_dict(),
+        "optimizer": optimizer_state,
+        "scheduler": state["scheduler"],
+        "sampler": state["sampler"],
+        "rng": state["rng"],
+        "config": new_config,
+        "architecture": architecture(new_cfg, vocab_size),
+        "world_size": state["world_size"],
+        "compression": compression,
     }
     save_checkpoint(ckpt_dir, step, new_state, keep=1)
     yaml = "# moe-compress output: moe-train --config-path <this dir> --config-name config\n"

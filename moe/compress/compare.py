@@ -20,8 +20,14 @@ PRUNE = ("frequency", "score", "reconstruction")
 MERGE = ("msmoe", "hc_smoe")
 
 
-def compare(source: str, out_dir: str | Path, targets=(6, 4), random_seeds=(0, 1, 2), calibration_batches: int = 8,
-            device: str = "auto") -> list[dict]:
+def compare(
+    source: str,
+    out_dir: str | Path,
+    targets=(6, 4),
+    random_seeds=(0, 1, 2),
+    calibration_batches: int = 8,
+    device: str = "auto",
+) -> list[dict]:
     """Compress ``source`` with every pruning and merging method at each target; return one row per run."""
     out_dir = Path(out_dir)
     runs = [("prune", m, None) for m in PRUNE] + [("merge", m, None) for m in MERGE]
@@ -30,24 +36,40 @@ def compare(source: str, out_dir: str | Path, targets=(6, 4), random_seeds=(0, 1
     for target in targets:
         for action, method, seed in runs:
             name = f"{action}-{method}-{target}" + (f"-seed{seed}" if seed is not None else "")
-            ccfg = CompressConfig(source=source, action=action, method=method, num_experts=target,
-                                  seed=seed or 0, calibration_batches=calibration_batches, device=device)
+            ccfg = CompressConfig(
+                source=source,
+                action=action,
+                method=method,
+                num_experts=target,
+                seed=seed or 0,
+                calibration_batches=calibration_batches,
+                device=device,
+            )
             summary = compress_checkpoint(ccfg, out_dir / name)
-            rows.append({
-                "target": target, "action": action, "method": method, "seed": seed,
-                "val_loss_before": summary["before"]["val_loss"], "val_loss_after": summary["after"]["val_loss"],
-                "params_before": summary["before"]["params"], "params_after": summary["after"]["params"],
-                "active_params_after": summary["after"]["active_params_per_token"],
-                "compress_s": summary["timings_s"]["calibration_s"] + summary["timings_s"]["compress_s"],
-            })
+            rows.append(
+                {
+                    "target": target,
+                    "action": action,
+                    "method": method,
+                    "seed": seed,
+                    "val_loss_before": summary["before"]["val_loss"],
+                    "val_loss_after": summary["after"]["val_loss"],
+                    "params_before": summary["before"]["params"],
+                    "params_after": summary["after"]["params"],
+                    "active_params_after": summary["after"]["active_params_per_token"],
+                    "compress_s": summary["timings_s"]["calibration_s"] + summary["timings_s"]["compress_s"],
+                }
+            )
             print(f"{name}: val loss {rows[-1]['val_loss_before']:.4f} -> {rows[-1]['val_loss_after']:.4f}", flush=True)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per (target, method); random seeds collapse to their median with the spread in brackets."""
-    lines = ["| experts | method | val loss before | val loss after | Δ | params after | calibrate + compress (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| experts | method | val loss before | val loss after | Δ | params after | calibrate + compress (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for target in dict.fromkeys(r["target"] for r in rows):
         group = [r for r in rows if r["target"] == target]
         for row in [r for r in group if r["method"] != "random"]:
@@ -83,8 +105,9 @@ def main(argv=None) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SystemExit(f"{out_dir} is not empty; choose a new directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = compare(args.source, out_dir, tuple(args.targets), calibration_batches=args.calibration_batches,
-                   device=args.device)
+    rows = compare(
+        args.source, out_dir, tuple(args.targets), calibration_batches=args.calibration_batches, device=args.device
+    )
     atomic_write_bytes(out_dir / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
     table = markdown_table(rows)
     atomic_write_bytes(out_dir / "results.md", table.encode())

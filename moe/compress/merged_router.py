@@ -65,12 +65,13 @@ class MergedRouter(WrappingRouter):
             expert_to_group = torch.arange(source_experts) % num_experts
         expert_to_group = torch.as_tensor(expert_to_group, dtype=torch.int64).flatten()
         if source_experts is not None and source_experts != expert_to_group.numel():
-            raise ValueError(f"source_experts={source_experts} but expert_to_group has {expert_to_group.numel()} entries")
+            raise ValueError(
+                f"source_experts={source_experts} but expert_to_group has {expert_to_group.numel()} entries"
+            )
         used = torch.unique(expert_to_group)
         if used.numel() != num_experts or used.min() != 0 or used.max() != num_experts - 1:
             raise ValueError(
-                f"expert_to_group must use every group in [0, {num_experts}) and no other, "
-                f"got groups {used.tolist()}"
+                f"expert_to_group must use every group in [0, {num_experts}) and no other, got groups {used.tolist()}"
             )
         if isinstance(source_router, Router):
             if router_kwargs or top_k is not None:

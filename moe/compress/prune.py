@@ -36,12 +36,14 @@ def layer_min_experts(layer: MoELayer) -> int:
 
 
 def _checked_layers(model: nn.Module, calibration: Calibration, layers) -> list[tuple[str, MoELayer]]:
-    """The model's MoE layers to compress (``layers``, default: every calibrated one), checked against the calibration."""
+    """The MoE layers to compress (``layers``, default: every calibrated one), checked against the calibration."""
     found = moe_layers(model)
     if layers is None:
         found = [(name, layer) for name, layer in found if name in calibration.layers]
         if not found:
-            raise ValueError(f"none of the model's MoE layers was calibrated (calibrated: {sorted(calibration.layers)})")
+            raise ValueError(
+                f"none of the model's MoE layers was calibrated (calibrated: {sorted(calibration.layers)})"
+            )
     else:
         wanted = set(layers)
         unknown = wanted - {name for name, _ in found}
@@ -92,8 +94,14 @@ def _global_keep(found, targets, method, calibration, generator) -> dict[str, li
     return keep
 
 
-def reconstruction_error(layer: MoELayer, keep: list[int], inputs: torch.Tensor, target: torch.Tensor,
-                         expert_outputs: torch.Tensor, token_ids: torch.Tensor | None = None) -> float:
+def reconstruction_error(
+    layer: MoELayer,
+    keep: list[int],
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    expert_outputs: torch.Tensor,
+    token_ids: torch.Tensor | None = None,
+) -> float:
     """‖target − routed output of ``layer`` restricted to ``keep``‖_F on cached ``inputs``.
 
     Removing experts equals masking their logits to −∞: the router is copied, sliced to ``keep`` and

@@ -67,9 +67,7 @@ class ExpertParallelDispatcher:
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
         if num_experts % self.ep_size != 0:
-            raise ValueError(
-                f"num_experts={num_experts} must be divisible by the EP group size ep_size={self.ep_size}"
-            )
+            raise ValueError(f"num_experts={num_experts} must be divisible by the EP group size ep_size={self.ep_size}")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
 

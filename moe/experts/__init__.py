@@ -13,4 +13,12 @@ def build_experts(name: str, num_experts: int, hidden_size: int, ffn_hidden_size
     return EXPERT_IMPLEMENTATIONS[name](num_experts, hidden_size, ffn_hidden_size, activation)
 
 
-__all__ = ["ACTIVATIONS", "EXPERT_IMPLEMENTATIONS", "DenseMLP", "ExpertMLP", "GroupedExperts", "LoopExperts", "build_experts"]
+__all__ = [
+    "ACTIVATIONS",
+    "EXPERT_IMPLEMENTATIONS",
+    "DenseMLP",
+    "ExpertMLP",
+    "GroupedExperts",
+    "LoopExperts",
+    "build_experts",
+]

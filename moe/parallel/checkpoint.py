@@ -50,8 +50,9 @@ def _to_local(value, param: torch.Tensor, dispatcher, name: str) -> object:
         return value
     if dispatcher is not None:
         if value.shape[0] != dispatcher.num_experts:
-            raise ValueError(f"'{name}' has {value.shape[0]} experts in the checkpoint, the layer has "
-                             f"{dispatcher.num_experts}")
+            raise ValueError(
+                f"'{name}' has {value.shape[0]} experts in the checkpoint, the layer has {dispatcher.num_experts}"
+            )
         local = dispatcher.local_experts
         return value[local.start : local.stop]
     if isinstance(param, DTensor):

@@ -80,14 +80,10 @@ class Router(nn.Module):
             raise NonFiniteLogitsError(message)
         return logits
 
-    def forward(
-        self, x: torch.Tensor, *, seq_len: int | None = None, token_ids: torch.Tensor | None = None
-    ) -> Routing:
+    def forward(self, x: torch.Tensor, *, seq_len: int | None = None, token_ids: torch.Tensor | None = None) -> Routing:
         """Route tokens ``x`` (T, H); ``seq_len`` splits them into sequences, ``token_ids`` feed hash routing."""
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"router input must have shape (T, hidden_size={self.hidden_size}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"router input must have shape (T, hidden_size={self.hidden_size}), got {tuple(x.shape)}")
         return self.route(x, seq_len=seq_len, token_ids=token_ids)
 
     def route(self, x: torch.Tensor, *, seq_len: int | None, token_ids: torch.Tensor | None) -> Routing:

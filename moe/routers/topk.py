@@ -203,9 +203,7 @@ class TopKRouter(Router):
             total = total + self.z_loss_coef * z_loss(logits)
         if self.sequence_balance_coef > 0:
             mask = torch.zeros_like(scores).scatter_(1, chosen, 1.0)
-            total = total + self.sequence_balance_coef * sequence_load_balancing_loss(
-                scores, mask, self.top_k, seq_len
-            )
+            total = total + self.sequence_balance_coef * sequence_load_balancing_loss(scores, mask, self.top_k, seq_len)
         return total
 
     def _apply(self, fn, recurse=True):

@@ -67,8 +67,10 @@ class ModelSchema:
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
             )
         if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"model.hidden_size / model.num_heads = {self.hidden_size // self.num_heads} "
-                             "must be even (rotary positions rotate pairs)")
+            raise ValueError(
+                f"model.hidden_size / model.num_heads = {self.hidden_size // self.num_heads} "
+                "must be even (rotary positions rotate pairs)"
+            )
         if self.top_k > self.num_experts:
             raise ValueError(f"model.top_k={self.top_k} must be in [1, model.num_experts={self.num_experts}]")
         _choice("model.activation", self.activation, ("swiglu", "gelu", "relu"))

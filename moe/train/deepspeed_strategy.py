@@ -80,13 +80,24 @@ class DeepSpeedPlan(ParallelPlan):
     micro-batch), ``grad_accum`` and ``grad_clip`` (0 = no clipping) go into the DeepSpeed config.
     """
 
-    def __init__(self, ep_size: int, world_size: int, device: torch.device, *, zero_stage: int,
-                 micro_batch_size: int, grad_accum: int, grad_clip: float):
+    def __init__(
+        self,
+        ep_size: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        zero_stage: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        grad_clip: float,
+    ):
         if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
             raise ValueError(f"trainer.zero_stage={zero_stage!r} is not valid; valid: {list(ZERO_STAGES)}")
         if world_size < 2:
-            raise ValueError(f"trainer.strategy=deepspeed needs at least 2 processes (torchrun), got world size "
-                             f"{world_size}; with one process use trainer.strategy=ddp")
+            raise ValueError(
+                f"trainer.strategy=deepspeed needs at least 2 processes (torchrun), got world size "
+                f"{world_size}; with one process use trainer.strategy=ddp"
+            )
         import_deepspeed()
         super().__init__("deepspeed", ep_size, world_size, device)
         self.zero_stage = zero_stage
@@ -125,8 +136,10 @@ class DeepSpeedPlan(ParallelPlan):
         rank = dist.get_rank()
         ours = next(r for r in expert_data_group_ranks(self.world_size, self.ep_size) if rank in r)
         if theirs != sorted(ours):
-            raise RuntimeError(f"DeepSpeed's expert-data-parallel group {theirs} differs from moe.parallel's {ours} "
-                               f"on rank {rank} (world size {self.world_size}, ep_size {self.ep_size})")
+            raise RuntimeError(
+                f"DeepSpeed's expert-data-parallel group {theirs} differs from moe.parallel's {ours} "
+                f"on rank {rank} (world size {self.world_size}, ep_size {self.ep_size})"
+            )
 
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config this plan runs with (ZeRO stage, batch sizes, clipping; fp32 optimizer)."""
@@ -153,8 +166,9 @@ class DeepSpeedPlan(ParallelPlan):
 
         if not isinstance(optimizer, torch.optim.AdamW):
             raise TypeError(f"trainer.strategy=deepspeed supports torch.optim.AdamW, got {type(optimizer).__name__}")
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   dist_init_required=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo", dist_init_required=False
+        )
         if self.groups is not None:
             self._create_deepspeed_groups()
         groups = [{**g, "params": list(g["params"]), "name": f"group{i}"} for i, g in enumerate(optimizer.param_groups)]
@@ -162,16 +176,29 @@ class DeepSpeedPlan(ParallelPlan):
         if self.groups is not None:
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
         # The dense groups keep their order; DeepSpeed appends the expert groups, each from one source group.
-        self._group_sources = [i if i < len(optimizer.param_groups) else canonical_of[id(g["params"][0])]
-                               for i, g in enumerate(groups)]
+        self._group_sources = [
+            i if i < len(optimizer.param_groups) else canonical_of[id(g["params"][0])] for i, g in enumerate(groups)
+        ]
         defaults = optimizer.defaults
-        inner = torch.optim.AdamW(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"],
-                                  weight_decay=defaults["weight_decay"], amsgrad=defaults["amsgrad"])
+        inner = torch.optim.AdamW(
+            groups,
+            lr=defaults["lr"],
+            betas=defaults["betas"],
+            eps=defaults["eps"],
+            weight_decay=defaults["weight_decay"],
+            amsgrad=defaults["amsgrad"],
+        )
         config = self.deepspeed_config()
         num_experts = [layer.num_experts for _, layer in expert_parallel_layers(model)]
         engine_class = _engine_class(num_experts)
-        self.engine = engine_class(args=None, model=model, optimizer=inner, config=config,
-                                   config_class=DeepSpeedConfig(config, None), dist_init_required=False)
+        self.engine = engine_class(
+            args=None,
+            model=model,
+            optimizer=inner,
+            config=config,
+            config_class=DeepSpeedConfig(config, None),
+            dist_init_required=False,
+        )
         self._canonical = optimizer
         return self.engine
 
@@ -209,7 +236,9 @@ class DeepSpeedPlan(ParallelPlan):
         self.engine.optimizer.refresh_fp32_params()
 
     def _experts_by_param(self, model: nn.Module) -> dict[int, object]:
-        return {id(p): layer.dispatcher for _, layer in expert_parallel_layers(model) for p in layer.experts.parameters()}
+        return {
+            id(p): layer.dispatcher for _, layer in expert_parallel_layers(model) for p in layer.experts.parameters()
+        }
 
     def _inner_state(self) -> dict:
         return self.engine.optimizer.optimizer.state
@@ -260,14 +289,18 @@ class DeepSpeedPlan(ParallelPlan):
         if not state["state"]:
             return
         if sorted(state["state"]) != list(range(len(params))):
-            raise ValueError(f"optimizer state covers parameters {sorted(state['state'])[:8]}...; this model has "
-                             f"{len(params)} parameters, all of which need a state")
+            raise ValueError(
+                f"optimizer state covers parameters {sorted(state['state'])[:8]}...; this model has "
+                f"{len(params)} parameters, all of which need a state"
+            )
         zero = self.engine.optimizer
         step = next(iter(state["state"].values()))["step"]
         inner = self._inner_state()
         for flat in zero.single_partition_of_fp32_groups:
-            inner[flat] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(),
-                           **{key: torch.zeros_like(flat) for key in ADAM_STATE_KEYS}}
+            inner[flat] = {
+                "step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                **{key: torch.zeros_like(flat) for key in ADAM_STATE_KEYS},
+            }
         self._link_optimizer_state()
         experts = self._experts_by_param(model)
         for index, param in enumerate(params):
@@ -276,11 +309,14 @@ class DeepSpeedPlan(ParallelPlan):
                 value = state["state"][index][key].to(param.device)
                 if dispatcher is not None:
                     if value.shape[0] != dispatcher.num_experts:
-                        raise ValueError(f"optimizer state {key} of parameter {index} has {value.shape[0]} experts, "
-                                         f"the layer has {dispatcher.num_experts}")
+                        raise ValueError(
+                            f"optimizer state {key} of parameter {index} has {value.shape[0]} experts, "
+                            f"the layer has {dispatcher.num_experts}"
+                        )
                     value = value[dispatcher.local_experts.start : dispatcher.local_experts.stop]
                 if value.shape != param.shape:
-                    raise ValueError(f"optimizer state {key} of parameter {index} has shape {tuple(value.shape)}, "
-                                     f"the parameter {tuple(param.shape)}")
+                    raise ValueError(
+                        f"optimizer state {key} of parameter {index} has shape {tuple(value.shape)}, "
+                        f"the parameter {tuple(param.shape)}"
+                    )
                 safe_set_full_optimizer_state(param, value, key)
-

@@ -25,9 +25,18 @@ class RunLogger:
     ``wandb_config``: None, or the run config to start a wandb run with (offline unless WANDB_MODE is set).
     """
 
-    def __init__(self, run_dir: Path, *, max_steps: int, start_step: int, progress: str = "auto",
-                 wandb_config: dict | None = None, project: str = "moe", run_name: str | None = None,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        max_steps: int,
+        start_step: int,
+        progress: str = "auto",
+        wandb_config: dict | None = None,
+        project: str = "moe",
+        run_name: str | None = None,
+        enabled: bool = True,
+    ):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -45,8 +54,9 @@ class RunLogger:
             import wandb
 
             mode = None if "WANDB_MODE" in os.environ else "offline"
-            self.wandb_run = wandb.init(project=project, name=run_name, dir=str(self.run_dir), config=wandb_config,
-                                        mode=mode, resume="allow")
+            self.wandb_run = wandb.init(
+                project=project, name=run_name, dir=str(self.run_dir), config=wandb_config, mode=mode, resume="allow"
+            )
 
     def write(self, record: dict) -> None:
         """Append one record (a dict with ``kind`` and ``step``) to metrics.jsonl and forward it."""
@@ -123,8 +133,13 @@ def plot_expert_load(metrics_path: Path, out_path: Path) -> Path | None:
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.1 * len(layers)), squeeze=False, sharex=True)
     for ax, layer in zip(axes[:, 0], layers):
         load = np.array([r["expert_load"][layer] for r in records]).T
-        image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="viridis",
-                          extent=(first, last, load.shape[0] - 0.5, -0.5))
+        image = ax.imshow(
+            load,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            extent=(first, last, load.shape[0] - 0.5, -0.5),
+        )
         ax.set_ylabel(layer, rotation=0, ha="right", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
     axes[-1, 0].set_xlabel("step")

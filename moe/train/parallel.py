@@ -192,9 +192,15 @@ def make_plan(cfg, world_size: int, device: torch.device) -> ParallelPlan:
     if strategy == "deepspeed":
         from moe.train.deepspeed_strategy import DeepSpeedPlan
 
-        return DeepSpeedPlan(cfg.parallel.ep_size, world_size, device, zero_stage=cfg.trainer.zero_stage,
-                             micro_batch_size=cfg.data.batch_size, grad_accum=cfg.trainer.grad_accum,
-                             grad_clip=cfg.optim.grad_clip)
+        return DeepSpeedPlan(
+            cfg.parallel.ep_size,
+            world_size,
+            device,
+            zero_stage=cfg.trainer.zero_stage,
+            micro_batch_size=cfg.data.batch_size,
+            grad_accum=cfg.trainer.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+        )
     return ParallelPlan(strategy, cfg.parallel.ep_size, world_size, device)
 
 

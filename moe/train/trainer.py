@@ -194,8 +194,14 @@ def evaluate(model: nn.Module, cfg: TrainConfig, val_tokens, ctx: DistContext) -
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-        for x, y in eval_batches(val_tokens, cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches,
-                                 rank=ctx.rank, world_size=ctx.world_size):
+        for x, y in eval_batches(
+            val_tokens,
+            cfg.data.batch_size,
+            cfg.model.seq_len,
+            cfg.data.eval_batches,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        ):
             with _autocast(cfg, ctx.device):
                 _, loss = model(x.to(ctx.device), y.to(ctx.device))
             total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=ctx.device)])
@@ -259,8 +265,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(cfg.optim.warmup_steps, decay_steps, cfg.optim.min_lr_ratio)
     )
-    sampler = BatchSampler(splits.train, cfg.data.batch_size, cfg.model.seq_len, rank=ctx.rank,
-                           world_size=ctx.world_size, seed=t_cfg.seed)
+    sampler = BatchSampler(
+        splits.train, cfg.data.batch_size, cfg.model.seq_len, rank=ctx.rank, world_size=ctx.world_size, seed=t_cfg.seed
+    )
     arch = architecture(cfg, vocab_size)
 
     step, tokens_seen, last_ckpt = 0, 0, None
@@ -285,9 +292,16 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
     layers = moe.moe_layers(raw_model)
     layer_names = [name for name, _ in layers]
 
-    logger = RunLogger(run_dir, max_steps=t_cfg.max_steps, start_step=step, progress=cfg.logger.progress,
-                       wandb_config=to_dict(cfg) if cfg.logger.name == "wandb" else None,
-                       project=cfg.logger.project, run_name=cfg.logger.run_name, enabled=ctx.is_main)
+    logger = RunLogger(
+        run_dir,
+        max_steps=t_cfg.max_steps,
+        start_step=step,
+        progress=cfg.logger.progress,
+        wandb_config=to_dict(cfg) if cfg.logger.name == "wandb" else None,
+        project=cfg.logger.project,
+        run_name=cfg.logger.run_name,
+        enabled=ctx.is_main,
+    )
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {step}")
     logger.message(
@@ -300,10 +314,16 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
         model_state, optimizer_state = plan.model_state(raw_model), plan.optimizer_state(raw_model, optimizer)
         if ctx.is_main:
             state = {
-                "step": at_step, "tokens_seen": tokens_seen, "model": model_state,
-                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(), "rng": rng_state(), "config": to_dict(cfg),
-                "architecture": arch, "world_size": ctx.world_size,
+                "step": at_step,
+                "tokens_seen": tokens_seen,
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "rng": rng_state(),
+                "config": to_dict(cfg),
+                "architecture": arch,
+                "world_size": ctx.world_size,
             }
             save_checkpoint(ckpt_dir, at_step, state, keep=t_cfg.keep_checkpoints)
         if ctx.distributed:
@@ -372,11 +392,19 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
             if step % t_cfg.log_interval == 0 or step == t_cfg.max_steps:
                 if interval_load is not None and ctx.distributed:
                     dist.all_reduce(interval_load, group=ctx.process_group)
-                logger.write({
-                    "kind": "train", "step": step, "loss": loss_value, "lr": lr, "aux_loss": aux_value,
-                    "grad_norm": float(grad_norm), "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
-                    "tokens_seen": tokens_seen, **_load_fields(layer_names, interval_load),
-                })
+                logger.write(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "aux_loss": aux_value,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
+                        "tokens_seen": tokens_seen,
+                        **_load_fields(layer_names, interval_load),
+                    }
+                )
                 interval_load, interval_time, interval_tokens = None, 0.0, 0
             if t_cfg.eval_interval and step % t_cfg.eval_interval == 0 and step < t_cfg.max_steps:
                 val_loss = evaluate(raw_model, cfg, splits.val, ctx)
@@ -414,8 +442,12 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
 
 
 def _eval_record(step: int, val_loss: float, is_bytes: bool) -> dict:
-    return {"kind": "eval", "step": step, "val_loss": val_loss,
-            "val_bits_per_byte": val_loss / math.log(2) if is_bytes else None}
+    return {
+        "kind": "eval",
+        "step": step,
+        "val_loss": val_loss,
+        "val_bits_per_byte": val_loss / math.log(2) if is_bytes else None,
+    }
 
 
 def _finish(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: dict, arch: dict, logger: RunLogger):
@@ -435,14 +467,20 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     """The end-of-run summary a person reads: quality against the unigram baseline, speed, load, files."""
     lines = ["", "==== moe-train summary ====", f"run dir        {run_dir}"]
     if summary["stopped_by"]:
-        lines.append(f"stopped by     {summary['stopped_by']} at step {summary['steps']} (resume with trainer.resume=auto)")
-    lines.append(f"steps          {summary['steps']:,}  ({summary['tokens_seen']:,} tokens, "
-                 f"{summary['train_time_s']:.1f} s training, {summary['tokens_per_s'] or 0:,.0f} tokens/s)")
+        lines.append(
+            f"stopped by     {summary['stopped_by']} at step {summary['steps']} (resume with trainer.resume=auto)"
+        )
+    lines.append(
+        f"steps          {summary['steps']:,}  ({summary['tokens_seen']:,} tokens, "
+        f"{summary['train_time_s']:.1f} s training, {summary['tokens_per_s'] or 0:,.0f} tokens/s)"
+    )
     if summary["val_bits_per_byte"] is not None:
         ratio = summary["val_bits_per_byte"] / summary["val_unigram_entropy_bits"]
-        lines.append(f"val            {summary['val_bits_per_byte']:.3f} bits/byte vs unigram entropy "
-                     f"{summary['val_unigram_entropy_bits']:.3f} bits/byte (ratio {ratio:.2f}; "
-                     f"loss {summary['final_val_loss']:.4f} nats)")
+        lines.append(
+            f"val            {summary['val_bits_per_byte']:.3f} bits/byte vs unigram entropy "
+            f"{summary['val_unigram_entropy_bits']:.3f} bits/byte (ratio {ratio:.2f}; "
+            f"loss {summary['final_val_loss']:.4f} nats)"
+        )
     elif summary["final_val_loss"] is not None:
         lines.append(f"val loss       {summary['final_val_loss']:.4f} nats/token")
     for name, shares in summary.get("final_expert_load", {}).items():

@@ -204,7 +204,9 @@ def test_reconstruction_picks_the_subset_with_least_error():
     cal = compress.calibrate(model, batches())
     reference = copy.deepcopy(model.first)
     x, z = cal["first"].inputs, cal["first"].outputs
-    errors = {s: float((z - masked_topk_output(reference, x, list(s))).norm()) for s in itertools.combinations(range(E), 6)}
+    errors = {
+        s: float((z - masked_topk_output(reference, x, list(s))).norm()) for s in itertools.combinations(range(E), 6)
+    }
     kept = compress.prune(model, cal, method="reconstruction", num_experts=6, layers=["first"])["first"]
     assert tuple(kept) == min(errors, key=errors.get)
 
@@ -216,8 +218,9 @@ def test_sampled_reconstruction_is_no_worse_than_frequency():
     reference = copy.deepcopy(model.first)
     x, z = cal["first"].inputs, cal["first"].outputs
     by_frequency = sorted(cal["first"].frequency.argsort(descending=True, stable=True)[:5].tolist())
-    kept = compress.prune(model, cal, method="reconstruction", num_experts=5, max_subsets=4, seed=1,
-                          layers=["first"])["first"]
+    kept = compress.prune(model, cal, method="reconstruction", num_experts=5, max_subsets=4, seed=1, layers=["first"])[
+        "first"
+    ]
     error = float((z - masked_topk_output(reference, x, kept)).norm())
     assert error <= float((z - masked_topk_output(reference, x, by_frequency)).norm()) + 1e-5
 
@@ -332,7 +335,9 @@ def test_hierarchical_groups_match_naive_clustering(linkage):
     for _ in range(5):
         features = torch.randn(E, 5, generator=g, dtype=torch.float64)
         for count in (2, 4, 6):
-            assert compress.hierarchical_groups(features, count, linkage) == naive_agglomerative(features, count, linkage)
+            assert compress.hierarchical_groups(features, count, linkage) == naive_agglomerative(
+                features, count, linkage
+            )
 
 
 def test_msmoe_groups_follow_frequency_and_logit_similarity():
@@ -365,11 +370,14 @@ def test_merged_router_routes_members_to_their_group_with_summed_weights():
     dense = dense_weights(routing)
     assert dense.shape == (11, 4)
     torch.testing.assert_close(dense.sum(-1), torch.ones(11))
-    lse = torch.stack([torch.logsumexp(routing.logits.new_tensor(0) + (x @ original.router.gate.weight[m].T), -1)
-                       for m in groups], dim=-1)
+    lse = torch.stack(
+        [torch.logsumexp(routing.logits.new_tensor(0) + (x @ original.router.gate.weight[m].T), -1) for m in groups],
+        dim=-1,
+    )
     torch.testing.assert_close(routing.logits, lse, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(group_logsumexp(torch.zeros(1, E), layer.router.expert_to_group, 4),
-                               torch.tensor([[2.0, 1.0, 3.0, 2.0]]).log())
+    torch.testing.assert_close(
+        group_logsumexp(torch.zeros(1, E), layer.router.expert_to_group, 4), torch.tensor([[2.0, 1.0, 3.0, 2.0]]).log()
+    )
 
 
 @torch.no_grad()

@@ -33,16 +33,39 @@ def trained(tmp_path_factory):
     package = Path(sysconfig.get_paths()["stdlib"]) / "email"
     for path in sorted(package.rglob("*.py")):
         shutil.copy(path, corpus / str(path.relative_to(package)).replace("/", "_"))
-    cfg = validate(OmegaConf.create({
-        "model": {"seq_len": 32, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "ffn_hidden_size": 64,
-                  "num_experts": 8, "top_k": 2},
-        "data": {"source": "text", "path": str(corpus), "cache_dir": str(root / "cache"), "batch_size": 16,
-                 "eval_batches": 4, "val_fraction": 0.2},
-        "optim": {"lr": 1e-2, "warmup_steps": 20},
-        "trainer": {"max_steps": 200, "eval_interval": 0, "ckpt_interval": 0, "log_interval": 100,
-                    "device": "cpu", "export_safetensors": False},
-        "logger": {"progress": "lines"},
-    }))
+    cfg = validate(
+        OmegaConf.create(
+            {
+                "model": {
+                    "seq_len": 32,
+                    "num_layers": 2,
+                    "hidden_size": 32,
+                    "num_heads": 2,
+                    "ffn_hidden_size": 64,
+                    "num_experts": 8,
+                    "top_k": 2,
+                },
+                "data": {
+                    "source": "text",
+                    "path": str(corpus),
+                    "cache_dir": str(root / "cache"),
+                    "batch_size": 16,
+                    "eval_batches": 4,
+                    "val_fraction": 0.2,
+                },
+                "optim": {"lr": 1e-2, "warmup_steps": 20},
+                "trainer": {
+                    "max_steps": 200,
+                    "eval_interval": 0,
+                    "ckpt_interval": 0,
+                    "log_interval": 100,
+                    "device": "cpu",
+                    "export_safetensors": False,
+                },
+                "logger": {"progress": "lines"},
+            }
+        )
+    )
     torch.manual_seed(0)
     summary = train(cfg, root / "train")
     return root, Path(summary["last_checkpoint"])
@@ -61,8 +84,10 @@ def _digest(path):
 def test_methods_beat_the_median_random_pruning(trained):
     root, source = trained
     source_digest = _digest(source)
-    random_losses = [_compress(root, source, f"random{s}", method="random", num_experts=6, seed=s)["after"]["val_loss"]
-                     for s in range(3)]
+    random_losses = [
+        _compress(root, source, f"random{s}", method="random", num_experts=6, seed=s)["after"]["val_loss"]
+        for s in range(3)
+    ]
     baseline = statistics.median(random_losses)
     results = {
         "frequency": _compress(root, source, "frequency", method="frequency", num_experts=6),
@@ -100,9 +125,21 @@ def test_hydra_entry_point_writes_summary(trained):
     root, source = trained
     out = root / "hydra_run"
     result = subprocess.run(
-        [sys.executable, "-c", "from moe.compress.cli import main; main()", f"source={source}", "method=score",
-         "num_experts=4", "calibration_batches=2", "device=cpu", f"hydra.run.dir={out}"],
-        check=False, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "from moe.compress.cli import main; main()",
+            f"source={source}",
+            "method=score",
+            "num_experts=4",
+            "calibration_batches=2",
+            "device=cpu",
+            f"hydra.run.dir={out}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

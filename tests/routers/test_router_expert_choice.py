@@ -6,11 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 
 import moe
 from moe.losses import z_loss
 from moe.routers import ExpertChoiceRouter
+
+from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 
 
 def reference_expert_choice(scores, capacity):

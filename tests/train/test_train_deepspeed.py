@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_runs import run_moe_train
 
 from moe.train.config import TrainerSchema
 from moe.train.parallel import ParallelPlan
+
+from train_runs import run_moe_train
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(
@@ -20,10 +21,22 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 SMALL = [
-    "model.seq_len=32", "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2",
-    "model.ffn_hidden_size=64", "model.num_experts=4", "data.eval_batches=2", "trainer.max_steps=6",
-    "trainer.log_interval=1", "trainer.eval_interval=0", "trainer.ckpt_interval=3", "trainer.device=cpu",
-    "trainer.threads=1", "logger.progress=lines", "trainer.export_safetensors=false", "trainer.grad_accum=2",
+    "model.seq_len=32",
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.num_experts=4",
+    "data.eval_batches=2",
+    "trainer.max_steps=6",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=0",
+    "trainer.ckpt_interval=3",
+    "trainer.device=cpu",
+    "trainer.threads=1",
+    "logger.progress=lines",
+    "trainer.export_safetensors=false",
+    "trainer.grad_accum=2",
     "optim.grad_clip=1.0",
 ]
 GLOBAL_BATCH = 8  # sequences per optimizer step: batch_size x world size x 2 micro-batches
@@ -56,18 +69,33 @@ def test_deepspeed_zero_with_expert_parallel_matches_ddp_and_checkpoints_move(tm
     for stage in (1, 2):
         for ep_size in (1, 2):
             label = f"zero{stage}_ep{ep_size}"
-            runs[label] = _train(tmp_path / label, 2, "trainer.strategy=deepspeed", f"trainer.zero_stage={stage}",
-                                 f"parallel.ep_size={ep_size}")
+            runs[label] = _train(
+                tmp_path / label,
+                2,
+                "trainer.strategy=deepspeed",
+                f"trainer.zero_stage={stage}",
+                f"parallel.ep_size={ep_size}",
+            )
             _assert_same_curve(runs[label], reference, f"deepspeed {label} vs ddp")
 
     # A DeepSpeed ZeRO-2 + EP checkpoint continues under DDP, and a DDP checkpoint under ZeRO-1 + EP: model
     # and AdamW state travel in the layout-independent format. (Two ranks in both, so that the per-rank
     # balance losses, and with them the gradient norms, are the same computation.)
-    from_deepspeed = _train(tmp_path / "resume_ddp", 2, "parallel.ep_size=1",
-                            f"trainer.resume={tmp_path / 'zero2_ep2' / 'checkpoints' / 'ckpt-00000003.pt'}")
+    from_deepspeed = _train(
+        tmp_path / "resume_ddp",
+        2,
+        "parallel.ep_size=1",
+        f"trainer.resume={tmp_path / 'zero2_ep2' / 'checkpoints' / 'ckpt-00000003.pt'}",
+    )
     _assert_same_curve(from_deepspeed, runs["zero2_ep2"][3:], "zero2 ep2 checkpoint resumed by ddp")
-    from_ddp = _train(tmp_path / "resume_ds", 2, "trainer.strategy=deepspeed", "trainer.zero_stage=1",
-                      "parallel.ep_size=2", f"trainer.resume={tmp_path / 'ddp' / 'checkpoints' / 'ckpt-00000003.pt'}")
+    from_ddp = _train(
+        tmp_path / "resume_ds",
+        2,
+        "trainer.strategy=deepspeed",
+        "trainer.zero_stage=1",
+        "parallel.ep_size=2",
+        f"trainer.resume={tmp_path / 'ddp' / 'checkpoints' / 'ckpt-00000003.pt'}",
+    )
     _assert_same_curve(from_ddp, reference[3:], "ddp checkpoint resumed by deepspeed zero1 ep2")
 
 

@@ -10,15 +10,27 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_runs import run_moe_train
 
 from moe.train.parallel import ParallelPlan
 
+from train_runs import run_moe_train
+
 SMALL = [
-    "model.seq_len=32", "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2",
-    "model.ffn_hidden_size=64", "model.num_experts=4", "data.eval_batches=2", "trainer.max_steps=6",
-    "trainer.log_interval=1", "trainer.eval_interval=0", "trainer.ckpt_interval=3", "trainer.device=cpu",
-    "trainer.threads=1", "logger.progress=lines", "trainer.export_safetensors=false",
+    "model.seq_len=32",
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.num_experts=4",
+    "data.eval_batches=2",
+    "trainer.max_steps=6",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=0",
+    "trainer.ckpt_interval=3",
+    "trainer.device=cpu",
+    "trainer.threads=1",
+    "logger.progress=lines",
+    "trainer.export_safetensors=false",
 ]
 GLOBAL_BATCH = 8
 
@@ -65,8 +77,14 @@ def test_fsdp_with_expert_parallel_and_accumulation_matches_ddp(tmp_path):
     _assert_same_curve(fsdp, reference, "fsdp + ep_size=2 vs ddp, grad_accum=2")
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "ckpt-00000003.pt"
     # FSDP-sharded experts now (ep_size=1): loading slices nothing and shards every tensor as a DTensor.
-    resumed = _train(tmp_path / "resume", 2, "parallel.ep_size=1", "trainer.strategy=fsdp", "trainer.grad_accum=2",
-                     f"trainer.resume={checkpoint}")
+    resumed = _train(
+        tmp_path / "resume",
+        2,
+        "parallel.ep_size=1",
+        "trainer.strategy=fsdp",
+        "trainer.grad_accum=2",
+        f"trainer.resume={checkpoint}",
+    )
     _assert_same_curve(resumed, fsdp[3:], "fsdp + ep_size=2 checkpoint resumed with fsdp + ep_size=1")
 
 
@@ -85,12 +103,27 @@ def test_submitit_tasks_train_expert_parallel(tmp_path, ddp_reference):
     """hydra-submitit-launcher with two tasks (local executor, the SLURM one's twin) runs EP without torchrun."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "moe.train", "-m", "hydra/launcher=submitit_local",
-               "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=0", "hydra.launcher.timeout_min=5",
-               f"hydra.sweep.dir={sweep}", *SMALL, f"data.batch_size={GLOBAL_BATCH // 2}", "parallel.ep_size=2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "moe.train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.timeout_min=5",
+        f"hydra.sweep.dir={sweep}",
+        *SMALL,
+        f"data.batch_size={GLOBAL_BATCH // 2}",
+        "parallel.ep_size=2",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=False, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (sweep / "0" / "metrics.jsonl").read_text().splitlines()]
-    _assert_same_curve([(r["step"], r["loss"]) for r in records if r["kind"] == "train"], ddp_reference,
-                       "submitit 2 tasks, ep_size=2 vs torchrun ddp")
+    _assert_same_curve(
+        [(r["step"], r["loss"]) for r in records if r["kind"] == "train"],
+        ddp_reference,
+        "submitit 2 tasks, ep_size=2 vs torchrun ddp",
+    )

@@ -51,7 +51,11 @@ def router_cases() -> list[tuple[str, dict, dict]]:
 def _init(rank: int, world_size: int, rendezvous: str, timeout_s: float = 60.0) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
     )
 
 
@@ -100,7 +104,9 @@ def _check_router(name: str, router_kwargs: dict, layer_kwargs: dict, groups, wo
         if pname in expert_names:
             ref_grad = ref_grad[local.start : local.stop]
         assert param.grad is not None, f"{label}: {pname} got no gradient"
-        torch.testing.assert_close(param.grad, ref_grad, rtol=1e-5, atol=1e-5, msg=lambda m, p=pname: f"{label} {p}: {m}")
+        torch.testing.assert_close(
+            param.grad, ref_grad, rtol=1e-5, atol=1e-5, msg=lambda m, p=pname: f"{label} {p}: {m}"
+        )
 
 
 def _check_checkpoint_layouts(group_by_ep: dict, rank: int) -> None:
@@ -131,9 +137,10 @@ def _equivalence_worker(rank: int, world_size: int, ep_sizes: list[int], rendezv
     for ep_size, groups in group_by_ep.items():
         assert groups.ep_rank == rank % ep_size
         assert dist.get_process_group_ranks(groups.ep_group) == ep_group_ranks(world_size, ep_size)[rank // ep_size]
-        assert dist.get_process_group_ranks(groups.expert_data_group) == expert_data_group_ranks(world_size, ep_size)[
-            rank % ep_size
-        ]
+        assert (
+            dist.get_process_group_ranks(groups.expert_data_group)
+            == expert_data_group_ranks(world_size, ep_size)[rank % ep_size]
+        )
         for name, router_kwargs, layer_kwargs in router_cases():
             _check_router(name, router_kwargs, layer_kwargs, groups, world_size, rank)
     _check_checkpoint_layouts(group_by_ep, rank)

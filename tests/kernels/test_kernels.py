@@ -60,8 +60,10 @@ def test_segment_sum_matches_loop_including_empty_segments():
     weight = torch.randn(9, device=DEVICE)
     out = k.segment_sum(src, rows, ptr, weight=weight)
     expected = torch.stack(
-        [sum((weight[r] * src[r] for r in rows[ptr[t] : ptr[t + 1]].tolist()), torch.zeros(1030, device=DEVICE))
-         for t in range(5)]
+        [
+            sum((weight[r] * src[r] for r in rows[ptr[t] : ptr[t + 1]].tolist()), torch.zeros(1030, device=DEVICE))
+            for t in range(5)
+        ]
     )
     torch.testing.assert_close(out, expected)
     assert out[1].eq(0).all() and out[4].eq(0).all()

@@ -13,10 +13,26 @@ import pytest
 @pytest.mark.distributed
 def test_ep_benchmark_runs_on_one_process(tmp_path):
     out = tmp_path / "ep.json"
-    command = [sys.executable, "-m", "moe.bench.ep", "--device", "cpu", "--shape", "tiny", "--sizes-mib", "0.0625,1",
-               "--warmup", "1", "--repeats", "2", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "moe.bench.ep",
+        "--device",
+        "cpu",
+        "--shape",
+        "tiny",
+        "--sizes-mib",
+        "0.0625,1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, check=False, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EP dispatcher at ep_size 1 vs local dispatcher" in result.stdout
     report = json.loads(out.read_text())

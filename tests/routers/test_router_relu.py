@@ -8,10 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 
 import moe
 from moe.routers import ReLURouter
+
+from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 
 
 def reference_l1(relu, top_k):

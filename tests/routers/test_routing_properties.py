@@ -5,10 +5,11 @@ import math
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from routing_checks import check_contract
 
 import moe
 from moe.routers import TopKRouter
+
+from routing_checks import check_contract
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 

@@ -35,11 +35,22 @@ def corpus(tmp_path_factory) -> Path:
 def tiny(corpus: Path, tmp_path: Path, **sections):
     """A 2-layer, 32-wide MoE config on the corpus: a few milliseconds per step."""
     base = {
-        "data": {"source": "text", "path": str(corpus), "batch_size": 4, "eval_batches": 2,
-                 "cache_dir": str(tmp_path / "cache")},
+        "data": {
+            "source": "text",
+            "path": str(corpus),
+            "batch_size": 4,
+            "eval_batches": 2,
+            "cache_dir": str(tmp_path / "cache"),
+        },
         "model": {"seq_len": 32, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "ffn_hidden_size": 32},
-        "trainer": {"max_steps": 4, "log_interval": 1, "eval_interval": 0, "ckpt_interval": 2, "threads": 1,
-                    "export_safetensors": False},
+        "trainer": {
+            "max_steps": 4,
+            "log_interval": 1,
+            "eval_interval": 0,
+            "ckpt_interval": 2,
+            "threads": 1,
+            "export_safetensors": False,
+        },
         "optim": {"warmup_steps": 2},
         "logger": {"progress": "lines"},
     }
@@ -73,10 +84,15 @@ def test_overfits_one_batch(corpus, tmp_path):
 def test_resume_is_exact(corpus, tmp_path):
     """10 steps + resume + 10 steps gives bit-identical losses to 20 uninterrupted steps (with router state:
     jitter uses the RNG, aux-loss-free bias is a buffer)."""
+
     def config(max_steps):
-        return tiny(corpus, tmp_path, router={"kwargs": {"bias_update_rate": 1e-3, "jitter_eps": 0.01}},
-                    trainer={"max_steps": max_steps, "ckpt_interval": 10, "eval_interval": 10},
-                    optim={"decay_steps": 20})
+        return tiny(
+            corpus,
+            tmp_path,
+            router={"kwargs": {"bias_update_rate": 1e-3, "jitter_eps": 0.01}},
+            trainer={"max_steps": max_steps, "ckpt_interval": 10, "eval_interval": 10},
+            optim={"decay_steps": 20},
+        )
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     train(config(20), whole)
@@ -85,16 +101,19 @@ def test_resume_is_exact(corpus, tmp_path):
     assert summary["steps"] == 20
     assert len(train_losses(whole)) == 20
     assert train_losses(split) == train_losses(whole)
-    a, b = load_checkpoint(list_checkpoints(whole / "checkpoints")[-1]), load_checkpoint(
-        list_checkpoints(split / "checkpoints")[-1])
+    a, b = (
+        load_checkpoint(list_checkpoints(whole / "checkpoints")[-1]),
+        load_checkpoint(list_checkpoints(split / "checkpoints")[-1]),
+    )
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert any(key.endswith("expert_bias") and value.abs().sum() > 0 for key, value in a["model"].items())
 
 
 def test_records_and_summary(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path, trainer={"max_steps": 4, "eval_interval": 2, "log_interval": 2,
-                                          "export_safetensors": True})
+    cfg = tiny(
+        corpus, tmp_path, trainer={"max_steps": 4, "eval_interval": 2, "log_interval": 2, "export_safetensors": True}
+    )
     summary = train(cfg, tmp_path / "run")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     trains = [r for r in records if r["kind"] == "train"]
@@ -128,8 +147,12 @@ def test_dense_model_trains_without_expert_load(corpus, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
-    cfg = tiny(corpus, tmp_path, optim={"lr": 1e30, "warmup_steps": 0, "grad_clip": 0.0},
-               trainer={"max_steps": 50, "ckpt_interval": 1})
+    cfg = tiny(
+        corpus,
+        tmp_path,
+        optim={"lr": 1e30, "warmup_steps": 0, "grad_clip": 0.0},
+        trainer={"max_steps": 50, "ckpt_interval": 1},
+    )
     with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as error:
         train(cfg, tmp_path / "run")
     bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
@@ -143,13 +166,15 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 def test_checkpoint_of_another_model_is_refused_listing_keys(corpus, tmp_path):
     train(tiny(corpus, tmp_path, trainer={"max_steps": 2}), tmp_path / "run")
-    other = tiny(corpus, tmp_path, model={"hidden_size": 64, "num_experts": 2, "top_k": 1},
-                 trainer={"max_steps": 4})
+    other = tiny(corpus, tmp_path, model={"hidden_size": 64, "num_experts": 2, "top_k": 1}, trainer={"max_steps": 4})
     with pytest.raises(CheckpointMismatchError) as error:
         train(other, tmp_path / "run")
     text = str(error.value)
-    for key in ("model.hidden_size: checkpoint=32, config=64", "model.num_experts: checkpoint=4, config=2",
-                "model.top_k: checkpoint=2, config=1"):
+    for key in (
+        "model.hidden_size: checkpoint=32, config=64",
+        "model.num_experts: checkpoint=4, config=2",
+        "model.top_k: checkpoint=2, config=1",
+    ):
         assert key in text
     assert "model.num_layers" not in text
 
@@ -178,9 +203,13 @@ def test_gradient_accumulation_matches_a_hand_written_step(corpus, tmp_path):
     """trainer.grad_accum=2: one optimizer step on the mean of two micro-batches' (task + aux) losses."""
     from moe.data import BatchSampler, prepare_tokens
 
-    cfg = tiny(corpus, tmp_path, trainer={"max_steps": 1, "grad_accum": 2, "ckpt_interval": 1},
-               optim={"warmup_steps": 0, "grad_clip": 0.0, "eps": 1.0},  # large eps: the update scales with the grad
-               router={"kwargs": {"bias_update_rate": 1e-2}})
+    cfg = tiny(
+        corpus,
+        tmp_path,
+        trainer={"max_steps": 1, "grad_accum": 2, "ckpt_interval": 1},
+        optim={"warmup_steps": 0, "grad_clip": 0.0, "eps": 1.0},  # large eps: the update scales with the grad
+        router={"kwargs": {"bias_update_rate": 1e-2}},
+    )
     train(cfg, tmp_path / "run")
     trained = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["model"]
 
@@ -207,8 +236,10 @@ def test_extending_max_steps_extends_the_schedule(corpus, tmp_path):
     train(tiny(corpus, tmp_path, trainer={"max_steps": 8}), whole)
     train(tiny(corpus, tmp_path, trainer={"max_steps": 4}), split)
     train(tiny(corpus, tmp_path, trainer={"max_steps": 8}), split)
-    lrs = [[r["lr"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train" and r["step"] > 4]
-           for d in (whole, split)]
+    lrs = [
+        [r["lr"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train" and r["step"] > 4]
+        for d in (whole, split)
+    ]
     assert lrs[1] == pytest.approx(lrs[0], rel=1e-12)
 
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 
 import moe
 from moe.routers import HashRouter, SinkhornRouter
 from moe.routers.sinkhorn import sinkhorn
+
+from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 
 
 def reference_sinkhorn(logits, iterations):

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from routing_checks import check_contract
 
 import moe
 from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
 from moe.routers import TopKRouter
+
+from routing_checks import check_contract
 
 
 def dense_weights(routing):

@@ -16,14 +16,30 @@ def fake_run(run_dir: Path, overrides: list[str], val_loss: float, stopped_by=No
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     records = [
-        {"kind": "train", "step": 10, "loss": val_loss + 1, "lr": 1e-3, "aux_loss": 0.01, "tokens_per_s": 100.0,
-         "expert_load": {}, "load_imbalance": 1.5},
+        {
+            "kind": "train",
+            "step": 10,
+            "loss": val_loss + 1,
+            "lr": 1e-3,
+            "aux_loss": 0.01,
+            "tokens_per_s": 100.0,
+            "expert_load": {},
+            "load_imbalance": 1.5,
+        },
         {"kind": "eval", "step": 10, "val_loss": val_loss},
     ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {"steps": 10, "final_val_loss": val_loss, "val_bits_per_byte": val_loss / 0.6931471805599453,
-               "val_unigram_entropy_bits": 5.0, "tokens_per_s": 1234.5, "num_params": 2_000_000,
-               "num_active_params": 1_000_000, "final_load_imbalance": 1.25, "stopped_by": stopped_by}
+    summary = {
+        "steps": 10,
+        "final_val_loss": val_loss,
+        "val_bits_per_byte": val_loss / 0.6931471805599453,
+        "val_unigram_entropy_bits": 5.0,
+        "tokens_per_s": 1234.5,
+        "num_params": 2_000_000,
+        "num_active_params": 1_000_000,
+        "final_load_imbalance": 1.25,
+        "stopped_by": stopped_by,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -58,14 +74,28 @@ def test_local_multirun_sweep_then_report(tmp_path):
     corpus.write_bytes(b"".join(p.read_bytes() for p in sorted(folder.glob("*.py"))))
     sweep = tmp_path / "sweep"
     args = [
-        "-m", "router=topk,expert_choice", "data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'c'}",
-        "data.batch_size=4", "data.eval_batches=2", "model.seq_len=32", "model.num_layers=2", "model.hidden_size=32",
-        "model.num_heads=2", "model.ffn_hidden_size=32", "trainer.max_steps=3", "trainer.threads=1",
-        "trainer.export_safetensors=false", "logger.progress=lines", f"hydra.sweep.dir={sweep}",
+        "-m",
+        "router=topk,expert_choice",
+        "data=text",
+        f"data.path={corpus}",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "data.batch_size=4",
+        "data.eval_batches=2",
+        "model.seq_len=32",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.ffn_hidden_size=32",
+        "trainer.max_steps=3",
+        "trainer.threads=1",
+        "trainer.export_safetensors=false",
+        "logger.progress=lines",
+        f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "moe.train", *args], check=False, capture_output=True,
-                            text=True, env=env, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "moe.train", *args], check=False, capture_output=True, text=True, env=env, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = report(sweep)
     assert "| router=topk |" in table and "| router=expert_choice |" in table

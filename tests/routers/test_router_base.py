@@ -7,12 +7,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 from scipy.optimize import linear_sum_assignment
 
 import moe
 from moe.routers import BASERouter
 from moe.routers.auction import auction, balanced_assignment
+
+from routing_checks import check_contract, gradcheck_layer, gradcheck_router
 
 
 def best_balanced_total(affinity):

@@ -26,10 +26,23 @@ def corpus(tmp_path_factory) -> Path:
 
 def tiny_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        "data=text", f"data.path={corpus}", f"data.cache_dir={run_dir.parent / 'cache'}", "data.batch_size=4",
-        "data.eval_batches=2", "model.seq_len=32", "model.num_layers=2", "model.hidden_size=32",
-        "model.num_heads=2", "model.ffn_hidden_size=32", "optim.warmup_steps=2", "trainer.log_interval=1",
-        "trainer.eval_interval=0", "trainer.threads=1", "logger.progress=lines", f"hydra.run.dir={run_dir}", *extra,
+        "data=text",
+        f"data.path={corpus}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        "data.batch_size=4",
+        "data.eval_batches=2",
+        "model.seq_len=32",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.ffn_hidden_size=32",
+        "optim.warmup_steps=2",
+        "trainer.log_interval=1",
+        "trainer.eval_interval=0",
+        "trainer.threads=1",
+        "logger.progress=lines",
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
@@ -61,8 +74,10 @@ def test_cli_rejects_an_invalid_value_before_any_work(corpus, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(tiny_args(corpus, run_dir, "trainer.device=tpu"))
     assert result.returncode != 0
-    assert "moe-train: invalid config: trainer.device='tpu' is not valid; valid choices: ['auto', 'cpu', 'cuda']" \
+    assert (
+        "moe-train: invalid config: trainer.device='tpu' is not valid; valid choices: ['auto', 'cpu', 'cuda']"
         in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
     assert not (tmp_path / "cache").exists()
@@ -73,8 +88,9 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(corpus, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = tiny_args(corpus, run_dir, "trainer.max_steps=100000", "trainer.ckpt_interval=0")
-    process = subprocess.Popen([sys.executable, "-m", "moe.train", *args], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moe.train", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -108,8 +124,16 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
     one, two = tmp_path / "one", tmp_path / "two"
     single = run_cli(tiny_args(corpus, one, *common))
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "moe.train")
+    torchrun = (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "moe.train",
+    )
     double = run_cli(tiny_args(corpus, two, *common, "data.batch_size=2"), launcher=torchrun)
     assert double.returncode == 0, double.stderr[-3000:]
     a, b = train_losses(one), train_losses(two)

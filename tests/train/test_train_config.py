@@ -36,7 +36,12 @@ def test_group_files_match_the_listed_options():
 def test_default_composes_to_the_tiny_topk_model():
     cfg = validate(_compose())
     assert isinstance(cfg, TrainConfig)
-    assert (cfg.router.name, cfg.experts.impl, cfg.data.source, cfg.logger.name) == ("topk", "grouped", "stdlib", "console")
+    assert (cfg.router.name, cfg.experts.impl, cfg.data.source, cfg.logger.name) == (
+        "topk",
+        "grouped",
+        "stdlib",
+        "console",
+    )
     assert cfg.model.num_experts == 4 and cfg.model.moe_every == 1
     assert cfg.trainer.resume == "auto" and cfg.parallel.ep_size == 1
 
@@ -58,10 +63,21 @@ def test_dense_model_has_the_tiny_models_active_ffn_width():
 
 
 def test_public_keys_override():
-    cfg = validate(_compose([
-        "trainer.max_steps=7", "trainer.seed=3", "trainer.log_interval=2", "trainer.eval_interval=5",
-        "trainer.ckpt_interval=4", "trainer.resume=none", "router=relu", "model=dense", "data=stdlib",
-    ]))
+    cfg = validate(
+        _compose(
+            [
+                "trainer.max_steps=7",
+                "trainer.seed=3",
+                "trainer.log_interval=2",
+                "trainer.eval_interval=5",
+                "trainer.ckpt_interval=4",
+                "trainer.resume=none",
+                "router=relu",
+                "model=dense",
+                "data=stdlib",
+            ]
+        )
+    )
     t = cfg.trainer
     assert (t.max_steps, t.seed, t.log_interval, t.eval_interval, t.ckpt_interval, t.resume) == (7, 3, 2, 5, 4, "none")
     assert cfg.router.name == "relu" and cfg.model.moe_every == 0
