@@ -12,7 +12,7 @@ from moe.dispatch import LocalDispatcher
 from moe.dispatch.fused import FusedDispatcher, build_kernel_router
 from moe.experts import DenseMLP, ExpertMLP, build_experts
 from moe.routers import Router, build_router
-from moe.routers.base import check_positive_int
+from moe.validation import check_positive_int
 
 
 @dataclass

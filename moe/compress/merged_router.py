@@ -8,8 +8,8 @@ import torch
 
 from moe.compress.wrapping_router import WrappingRouter
 from moe.routers import Router, build_router
-from moe.routers.base import check_positive_int
 from moe.routing import Routing, group_by_expert
+from moe.validation import check_positive_int
 
 
 def group_logsumexp(logits: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int) -> torch.Tensor:

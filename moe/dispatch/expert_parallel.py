@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from moe.dispatch.local import Dispatched
-from moe.routers.base import check_positive_int
 from moe.routing import Routing
+from moe.validation import check_positive_int
 
 
 class _AllToAll(torch.autograd.Function):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moe.experts.mlp import ACTIVATIONS, activate
-from moe.routers.base import check_positive_int
+from moe.validation import check_positive_int
 
 
 class DenseMLP(nn.Module):

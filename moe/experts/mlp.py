@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.routers.base import check_positive_int
+from moe.validation import check_positive_int
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 

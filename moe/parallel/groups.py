@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from moe.routers.base import check_positive_int
+from moe.validation import check_positive_int
 
 
 def check_layout(world_size: int, ep_size: int, num_experts: int | Iterable[int] = ()) -> None:

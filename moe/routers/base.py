@@ -1,4 +1,4 @@
-"""The router base class: a linear gate in float32 plus shared argument checks."""
+"""The router base class: a linear gate in float32."""
 
 from __future__ import annotations
 
@@ -7,41 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.routing import Routing
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_top_k(top_k, num_experts: int) -> int:
-    """Validate ``1 <= top_k <= num_experts``."""
-    check_positive_int("top_k", top_k)
-    if top_k > num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    return top_k
-
-
-def check_positive_float(name: str, value) -> float:
-    """Return ``value`` as float if it is a finite number > 0, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def check_nonnegative_float(name: str, value) -> float:
-    """Return ``value`` as float if it is a finite number >= 0 (a loss coefficient), else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+from moe.validation import check_positive_int
 
 
 class NonFiniteLogitsError(ValueError, FloatingPointError):

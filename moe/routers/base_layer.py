@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from moe.routers.auction import balanced_assignment
-from moe.routers.base import Router, check_positive_float
+from moe.routers.base import Router
 from moe.routing import Routing, group_by_expert
+from moe.validation import check_positive_float
 
 
 class BASERouter(Router):

@@ -7,8 +7,9 @@ import math
 import torch
 
 from moe.losses import z_loss
-from moe.routers.base import Router, check_nonnegative_float, check_positive_float
+from moe.routers.base import Router
 from moe.routing import Routing, from_expert_major
+from moe.validation import check_nonnegative_float, check_positive_float
 
 
 class ExpertChoiceRouter(Router):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from moe.routers.base import Router, check_positive_int
+from moe.routers.base import Router
 from moe.routing import Routing, group_by_expert
+from moe.validation import check_positive_int
 
 
 class HashRouter(Router):

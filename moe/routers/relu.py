@@ -6,8 +6,9 @@ import torch
 import torch.distributed as dist
 
 from moe.losses import load_balancing_loss
-from moe.routers.base import Router, all_reduce_if_distributed, check_positive_float, check_top_k
+from moe.routers.base import Router, all_reduce_if_distributed
 from moe.routing import Routing, count_per_expert
+from moe.validation import check_positive_float, check_top_k
 
 
 class ReLURouter(Router):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from moe.routers.base import Router, check_positive_float, check_positive_int, check_top_k
+from moe.routers.base import Router
 from moe.routing import Routing, group_by_expert
+from moe.validation import check_positive_float, check_positive_int, check_top_k
 
 # Iterations between host checks of the convergence criterion; extra iterations only refine.
 _CHECK_EVERY = 4

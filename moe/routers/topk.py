@@ -8,15 +8,9 @@ import torch
 import torch.distributed as dist
 
 from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
-from moe.routers.base import (
-    Router,
-    all_reduce_if_distributed,
-    check_nonnegative_float,
-    check_positive_float,
-    check_positive_int,
-    check_top_k,
-)
+from moe.routers.base import Router, all_reduce_if_distributed
 from moe.routing import Routing, count_per_expert, group_by_expert
+from moe.validation import check_nonnegative_float, check_positive_float, check_positive_int, check_top_k
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probability", "position")
