@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
 from moe.compress.wrapping_router import WrappingRouter, build_source
 from moe.routers import Router, register_router
 from moe.routing import Routing, group_by_expert
-from moe.validation import check_positive_int
+from moe.validation import check_expert_indices, check_positive_int
 
 
 def group_logsumexp(logits: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -97,8 +98,9 @@ class MergedRouter(WrappingRouter):
         return self.source, self.expert_to_group
 
     @torch.no_grad()
-    def keep_experts(self, keep: list[int]) -> None:
+    def keep_experts(self, keep: Sequence[int]) -> None:
         """Keep merged experts ``keep``: the wrapped router keeps the original members of those groups."""
+        keep = check_expert_indices(keep, self.num_experts, f"layer '{self.layer_name}'")
         new_id = {g: i for i, g in enumerate(keep)}
         groups = self.expert_to_group.tolist()
         members = [e for e, g in enumerate(groups) if g in new_id]

@@ -9,19 +9,7 @@ from torch import nn
 
 from moe.compress.merged_router import MergedRouter
 from moe.layer import MoELayer
-
-
-def check_expert_indices(indices: Sequence[int], num_experts: int, what: str) -> list[int]:
-    """Validate distinct expert ids in [0, num_experts) and return them as a sorted list."""
-    indices = [int(i) for i in indices]
-    bad = [i for i in indices if not 0 <= i < num_experts]
-    if bad:
-        raise ValueError(f"{what}: expert ids {bad} are outside [0, {num_experts})")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"{what}: expert ids {indices} contain duplicates")
-    if not indices:
-        raise ValueError(f"{what}: at least one expert must remain")
-    return sorted(indices)
+from moe.validation import check_expert_indices
 
 
 def _check_local(layer: MoELayer) -> None:

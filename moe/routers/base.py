@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moe.routing import Routing
-from moe.validation import check_positive_int
+from moe.validation import check_expert_indices, check_positive_int
 
 
 class NonFiniteLogitsError(ValueError, FloatingPointError):
@@ -91,13 +92,14 @@ class Router(nn.Module):
         return self, torch.arange(self.num_experts, device=device)
 
     @torch.no_grad()
-    def keep_experts(self, keep: list[int]) -> None:
-        """Restrict the router to experts ``keep`` (sorted, distinct, in range), in place.
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Restrict the router to the distinct expert ids ``keep``, in place; kept experts stay in id order.
 
         Slices every per-expert parameter and buffer (leading dimension E: the gate rows, balancing
         biases); 0-dim state (a per-layer coefficient) is kept. Any other state, or a nested router,
         raises: subclasses whose structure depends on E override this.
         """
+        keep = check_expert_indices(keep, self.num_experts, f"layer '{self.layer_name}'")
         if len(keep) < self.min_experts:
             raise ValueError(
                 f"layer '{self.layer_name}' routes top_k={self.min_experts} experts per token; it cannot keep only "

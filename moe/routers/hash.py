@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from moe.routers.base import Router
@@ -65,7 +67,7 @@ class HashRouter(Router):
     def experts_per_token(self) -> int:
         return 1
 
-    def keep_experts(self, keep: list[int]) -> None:
+    def keep_experts(self, keep: Sequence[int]) -> None:
         """Refused: the fixed token -> expert table would leave the tokens of removed experts without one."""
         raise TypeError(
             f"layer '{self.layer_name}' uses hash routing: its fixed token -> expert table would leave the "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -117,7 +119,7 @@ class ReLURouter(Router):
         """``top_k``: the target sparsity ``1 - top_k / E`` needs at least top_k experts."""
         return self.top_k
 
-    def keep_experts(self, keep: list[int]) -> None:
+    def keep_experts(self, keep: Sequence[int]) -> None:
         """Slice as the base router does; the target sparsity ``1 - top_k / E`` follows the new E."""
         super().keep_experts(keep)
         self.target_sparsity = 1.0 - self.top_k / self.num_experts

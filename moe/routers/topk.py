@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -224,7 +225,7 @@ class TopKRouter(Router):
     def experts_per_token(self) -> int:
         return self.top_k
 
-    def keep_experts(self, keep: list[int]) -> None:
+    def keep_experts(self, keep: Sequence[int]) -> None:
         """Slice the gate rows and balancing bias; refused for group-limited routing (E is split in groups)."""
         if self.num_groups is not None:
             raise ValueError(

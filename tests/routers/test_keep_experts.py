@@ -139,3 +139,15 @@ def test_expert_grouping_is_the_identity_except_for_merged_routers():
     again = MergedRouter.over(merged, torch.tensor([1, 0, 0]))  # groups 1 and 2 merge into one
     assert again.source is router and again.num_experts == 2
     assert again.expert_to_group.tolist() == [1, 0, 1, 0, 0, 0]
+
+
+def test_bad_expert_ids_name_the_ids():
+    router = build_router("topk", H, E, top_k=2)
+    with pytest.raises(ValueError, match="layer 'moe': expert ids \\[9\\] are outside \\[0, 6\\)"):
+        router.keep_experts([0, 9])
+    with pytest.raises(ValueError, match="expert ids \\[1, 1, 2\\] contain duplicates"):
+        router.keep_experts([1, 1, 2])
+    merged = MergedRouter(H, 3, source_experts=E, top_k=2)
+    with pytest.raises(ValueError, match="expert ids \\[3\\] are outside \\[0, 3\\)"):
+        merged.keep_experts([0, 3])
+    assert router.num_experts == E and merged.num_experts == 3
