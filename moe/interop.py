@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.compress import calibrate, merge, prune
-from moe.compress.merged_router import MergedRouter
 from moe.layer import MoELayer
 from moe.routers import TopKRouter
 
@@ -131,11 +130,8 @@ def to_hf_block(layer: MoELayer, like: nn.Module) -> nn.Module:
     can run (so the file does not shrink). Raises ValueError for routing transformers cannot express.
     """
     kind = _kind(like)
-    router = layer.router
-    w_in, w_out = layer.experts.w_in, layer.experts.w_out
-    if isinstance(router, MergedRouter):
-        w_in, w_out = w_in[router.expert_to_group], w_out[router.expert_to_group]
-        router = router.source
+    router, to_group = layer.router.expert_grouping()  # a merged layer: its original E experts
+    w_in, w_out = layer.experts.w_in[to_group], layer.experts.w_out[to_group]
     if not isinstance(router, TopKRouter):
         raise TypeError(f"{kind} needs a softmax top-k router, got {type(router).__name__}")
     _check_exportable(router, kind)

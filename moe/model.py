@@ -17,7 +17,7 @@ from torch import nn
 
 from moe.experts import ACTIVATIONS, EXPERT_IMPLEMENTATIONS, DenseMLP, ExpertMLP
 from moe.layer import MoELayer, moe_layers, name_moe_layers
-from moe.routers import ROUTERS
+from moe.routers import ROUTERS, router_names
 
 INIT_STD = 0.02
 
@@ -74,7 +74,7 @@ class ModelConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; valid: {sorted(ROUTERS)}")
+            raise ValueError(f"unknown router {self.router!r}; valid: {router_names()}")
         if self.experts not in EXPERT_IMPLEMENTATIONS:
             raise ValueError(f"unknown experts {self.experts!r}; valid: {sorted(EXPERT_IMPLEMENTATIONS)}")
         if self.activation not in ACTIVATIONS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     """Return ``value`` if it is an int >= ``minimum``, else raise naming it."""
@@ -36,3 +38,16 @@ def check_nonnegative_float(name: str, value) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
+
+
+def check_expert_indices(indices: Sequence[int], num_experts: int, what: str) -> list[int]:
+    """Validate distinct expert ids in [0, num_experts) and return them as a sorted list."""
+    indices = [int(i) for i in indices]
+    bad = [i for i in indices if not 0 <= i < num_experts]
+    if bad:
+        raise ValueError(f"{what}: expert ids {bad} are outside [0, {num_experts})")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{what}: expert ids {indices} contain duplicates")
+    if not indices:
+        raise ValueError(f"{what}: at least one expert must remain")
+    return sorted(indices)

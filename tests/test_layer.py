@@ -112,6 +112,20 @@ def test_last_stats_match_an_independent_count():
     torch.testing.assert_close(layer.last_stats.aux_loss, layer.aux_loss.detach())
 
 
+def test_last_routing_is_the_routing_of_the_last_forward():
+    layer = moe.MoELayer(8, 16, 6, top_k=2)
+    assert layer.last_routing is None
+    x = torch.randn(2, 15, 8)
+    layer(x)
+    probs = (x.reshape(-1, 8) @ layer.router.gate.weight.detach().T).softmax(-1)
+    top = probs.topk(2, -1)
+    expected = torch.zeros(30, 6).scatter_(1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    routing = layer.last_routing
+    dense = torch.zeros(30, 6).index_put_((routing.token_index, routing.expert_index), routing.weight.detach())
+    torch.testing.assert_close(dense, expected)
+    assert routing.aux_loss is layer.aux_loss
+
+
 class TwoBlockModel(nn.Module):
     def __init__(self):
         super().__init__()

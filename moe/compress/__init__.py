@@ -14,10 +14,6 @@ from moe.compress.merged_router import MergedRouter
 from moe.compress.prune import BUDGETS, PRUNE_METHODS, prune
 from moe.compress.skipping import SkippingRouter, enable_skipping, skipping_betas
 from moe.compress.surgery import align_to, keep_experts, merge_groups
-from moe.routers import ROUTERS
-
-# Registered by name so that a merged checkpoint's config (router.name=merged) rebuilds its model.
-ROUTERS.setdefault("merged", MergedRouter)
 
 __all__ = [
     "BUDGETS",

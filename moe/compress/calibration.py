@@ -147,7 +147,7 @@ class _LayerCollector:
         token_ids = kwargs.get("token_ids", args[1] if len(args) > 1 else None)
         flat = x.reshape(-1, x.shape[-1])
         flat_ids = None if token_ids is None else token_ids.reshape(-1)
-        routing = module.router(flat, seq_len=x.shape[-2] if x.dim() >= 3 else None, token_ids=flat_ids)
+        routing = module.last_routing
         weights = dense_weights(routing)
         self.num_tokens += flat.shape[0]
         self._add("selection_count", routing.tokens_per_expert)
@@ -213,8 +213,8 @@ def calibrate(
         layers: restrict to these layer names (default: all).
 
     Works on CPU and GPU (statistics accumulate in float64 on the layer's device). Cost: one forward
-    of the model, plus per layer one extra router call and E/k times its expert FLOPs (HC-SMoE's mean
-    outputs need every expert on every token).
+    of the model (each layer's routing is read from ``MoELayer.last_routing``), plus per layer E/k
+    times its expert FLOPs (HC-SMoE's mean outputs need every expert on every token).
     """
     if not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget must be an int >= 0 (bytes), got {memory_budget!r}")

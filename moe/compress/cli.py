@@ -25,7 +25,6 @@ from omegaconf import OmegaConf
 
 from moe.compress.calibration import calibrate
 from moe.compress.merge import LINKAGES, MERGE_METHODS, merge
-from moe.compress.merged_router import MergedRouter
 from moe.compress.prune import PRUNE_METHODS, prune, target_count
 from moe.layer import moe_layers
 
@@ -110,16 +109,17 @@ def _compressed_config(cfg, layers) -> dict:
         raise ValueError(f"layers ended with different expert counts {sorted(counts)}; moe-train configs hold one")
     config = to_dict(cfg)
     config["model"]["num_experts"] = counts.pop()
-    routers = [layer.router for _, layer in layers]
-    if all(isinstance(r, MergedRouter) for r in routers):
-        sources = {r.expert_to_group.numel() for r in routers}
+    groupings = [(layer.router, *layer.router.expert_grouping()) for _, layer in layers]
+    merged = [source is not router for router, source, _ in groupings]
+    if all(merged):
+        sources = {to_group.numel() for _, _, to_group in groupings}
         if len(sources) != 1:
             raise ValueError(f"merged layers kept different numbers of original experts {sorted(sources)}")
         if config["router"]["name"] != "merged":
             config["router"]["kwargs"] = {**config["router"]["kwargs"], "source_router": config["router"]["name"]}
             config["router"]["name"] = "merged"
         config["router"]["kwargs"]["source_experts"] = sources.pop()
-    elif any(isinstance(r, MergedRouter) for r in routers):
+    elif any(merged):
         raise ValueError("some layers are merged and some are not; moe-train configs hold one router")
     return config
 

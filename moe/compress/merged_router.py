@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
-from moe.compress.wrapping_router import WrappingRouter
-from moe.routers import Router, build_router
+from moe.compress.wrapping_router import WrappingRouter, build_source
+from moe.routers import Router, register_router
 from moe.routing import Routing, group_by_expert
-from moe.validation import check_positive_int
+from moe.validation import check_expert_indices, check_positive_int
 
 
 def group_logsumexp(logits: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -22,6 +23,7 @@ def group_logsumexp(logits: torch.Tensor, expert_to_group: torch.Tensor, num_gro
     return peak + mass.log()
 
 
+@register_router("merged", internal=True)
 class MergedRouter(WrappingRouter):
     """Routes exactly like the router it wraps, then sends each pair to its expert's merged group.
 
@@ -39,7 +41,8 @@ class MergedRouter(WrappingRouter):
         num_experts: G, the number of merged experts.
         expert_to_group: (E,) group of each original expert, every group in [0, G) used. When None,
             ``source_experts`` gives E and the map starts as ``e mod G`` until a saved map is loaded
-            with the state dict (how ``moe-train`` rebuilds a merged model from its config).
+            with the state dict (how ``moe-train`` rebuilds a merged model from its config: the name
+            "merged" is registered as an internal router, buildable but not offered as a choice).
         source_router: the original router (instance with E experts) or a router name built with
             ``top_k`` (when given) and ``router_kwargs``.
 
@@ -73,22 +76,38 @@ class MergedRouter(WrappingRouter):
             raise ValueError(
                 f"expert_to_group must use every group in [0, {num_experts}) and no other, got groups {used.tolist()}"
             )
-        if isinstance(source_router, Router):
-            if router_kwargs or top_k is not None:
-                raise TypeError(f"router keyword arguments {sorted(router_kwargs)} given with a router instance")
-            source = source_router
-        else:
-            if top_k is not None:
-                router_kwargs["top_k"] = top_k
-            source = build_router(source_router, hidden_size, expert_to_group.numel(), **router_kwargs)
-        if source.num_experts != expert_to_group.numel() or source.hidden_size != hidden_size:
-            raise ValueError(
-                f"router has num_experts={source.num_experts}, hidden_size={source.hidden_size}; "
-                f"expert_to_group has {expert_to_group.numel()} entries, hidden_size={hidden_size}"
-            )
-        self.source = source
+        self.source = source = build_source(source_router, hidden_size, expert_to_group.numel(), top_k, router_kwargs)
         device = next(itertools.chain(source.parameters(), source.buffers())).device
         self.register_buffer("expert_to_group", expert_to_group.to(device))
+
+    @classmethod
+    def over(cls, router: Router, expert_to_group: torch.Tensor) -> MergedRouter:
+        """A merged router sending ``router``'s expert e to group ``expert_to_group[e]`` (G = max + 1).
+
+        When ``router`` is itself merged, the maps compose over its original experts (one level of
+        merging, whatever the number of merges).
+        """
+        source, to_current = router.expert_grouping()
+        composed = expert_to_group.to(to_current.device)[to_current]
+        merged = cls(router.hidden_size, int(expert_to_group.max()) + 1, composed, source)
+        merged.layer_name = router.layer_name
+        return merged
+
+    def expert_grouping(self) -> tuple[Router, torch.Tensor]:
+        """The wrapped router (it selects among the original experts) and each original expert's group."""
+        return self.source, self.expert_to_group
+
+    @torch.no_grad()
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Keep merged experts ``keep``: the wrapped router keeps the original members of those groups."""
+        keep = check_expert_indices(keep, self.num_experts, f"layer '{self.layer_name}'")
+        new_id = {g: i for i, g in enumerate(keep)}
+        groups = self.expert_to_group.tolist()
+        members = [e for e, g in enumerate(groups) if g in new_id]
+        self.source.keep_experts(members)
+        mapped = torch.tensor([new_id[groups[e]] for e in members], device=self.expert_to_group.device)
+        self.register_buffer("expert_to_group", mapped)
+        self.num_experts = len(keep)
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
         """The wrapped router's pairs with each expert replaced by its group (weights unchanged)."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moe.compress.calibration import Calibration, all_expert_outputs, collect_inputs, dense_weights
-from moe.compress.surgery import keep_experts, keep_router_experts
+from moe.compress.surgery import keep_experts
 from moe.layer import MoELayer, moe_layers
 
 PRUNE_METHODS = ("frequency", "score", "reconstruction", "random")
@@ -28,11 +28,6 @@ def target_count(num_experts, current: int, layer_name: str) -> int:
     if not 1 <= num_experts <= current:
         raise ValueError(f"num_experts must be in [1, {current}] for layer '{layer_name}', got {num_experts}")
     return num_experts
-
-
-def layer_min_experts(layer: MoELayer) -> int:
-    """The fewest experts ``layer`` can keep: its router's (wrapped router's) top_k, else 1."""
-    return getattr(layer.router, "top_k", 1)
 
 
 def _checked_layers(model: nn.Module, calibration: Calibration, layers) -> list[tuple[str, MoELayer]]:
@@ -83,7 +78,7 @@ def _global_keep(found, targets, method, calibration, generator) -> dict[str, li
     for name, layer in found:
         importance = _importance(method, calibration, name, generator)
         order = _ranked(importance)
-        floor = layer_min_experts(layer)
+        floor = layer.router.min_experts
         keep[name] = order[:floor]
         candidates += [(-float(importance[e]), name, e) for e in order[floor:]]
     room = sum(targets.values()) - sum(len(v) for v in keep.values())
@@ -108,7 +103,7 @@ def reconstruction_error(
     run on ``inputs``; ``expert_outputs`` (E, N, H) are every expert's outputs on those rows.
     """
     router = copy.deepcopy(layer.router)
-    keep_router_experts(router, keep)
+    router.keep_experts(keep)
     routing = router(inputs, seq_len=None, token_ids=token_ids)
     weights = dense_weights(routing).to(expert_outputs.dtype)
     routed = torch.einsum("nk,knh->nh", weights, expert_outputs[keep])
@@ -208,9 +203,9 @@ def prune(
     targets = {}
     for name, layer in found:
         targets[name] = target_count(num_experts, layer.num_experts, name)
-        if targets[name] < layer_min_experts(layer):
+        if targets[name] < layer.router.min_experts:
             raise ValueError(
-                f"layer '{name}' routes top_k={layer_min_experts(layer)} experts per token; "
+                f"layer '{name}' routes top_k={layer.router.min_experts} experts per token; "
                 f"num_experts={num_experts} would keep {targets[name]}"
             )
     generator = torch.Generator().manual_seed(seed)

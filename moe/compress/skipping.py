@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from moe.compress.calibration import Calibration
-from moe.compress.wrapping_router import WrappingRouter
+from moe.compress.wrapping_router import WrappingRouter, build_source
 from moe.layer import moe_layers
-from moe.routers import Router
+from moe.routers import Router, register_router, router_name
 from moe.routing import Routing, count_per_expert
 
 
+@register_router("skipping", internal=True)
 class SkippingRouter(WrappingRouter):
     """Wraps a top-2 router and drops a token's second expert when ``w2 < beta * w1``.
 
@@ -19,17 +20,38 @@ class SkippingRouter(WrappingRouter):
     buffer (saved with the model). Inference feature: dropping pairs makes the row count data
     dependent (one host sync per layer). ``last_skip_fraction`` holds the share of tokens that ran one
     expert in the last forward. Cost: the wrapped router's plus O(N) for the per-token maximum.
+
+    Args:
+        source_router: the router to wrap (an instance with ``experts_per_token == 2``) or a router
+            name built with ``top_k`` (when given) and ``router_kwargs``.
+        beta: the skip threshold; the default 0 skips nothing until a saved beta is loaded with the
+            state dict (how a model with skipping is rebuilt by the internal router name "skipping").
     """
 
-    def __init__(self, router: Router, beta: float):
-        super().__init__(router.hidden_size, router.num_experts)
-        if getattr(router, "top_k", None) != 2:
-            raise ValueError(f"dynamic skipping needs a top-2 router, got top_k={getattr(router, 'top_k', None)}")
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        source_router: str | Router = "topk",
+        *,
+        beta: float = 0.0,
+        top_k: int | None = None,
+        **router_kwargs,
+    ):
+        super().__init__(hidden_size, num_experts)
+        source = build_source(source_router, hidden_size, num_experts, top_k, router_kwargs)
+        if source.experts_per_token != 2:
+            raise ValueError(f"dynamic skipping needs a top-2 router, got top_k={source.experts_per_token}")
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        self.source = router
+        self.source = source
         self.register_buffer("beta", torch.tensor(float(beta)))
         self.last_skip_fraction: torch.Tensor | None = None
+
+    @property
+    def experts_per_token(self) -> None:
+        """None: a token runs one or two experts."""
+        return None
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
         """The wrapped router's routing less the second pairs with ``w2 < beta * w1``."""
@@ -77,9 +99,9 @@ def enable_skipping(model: nn.Module, calibration: Calibration | None = None, be
         raise ValueError(f"unknown layers {sorted(unknown)}; MoE layers: {sorted(layers)}")
     for name, beta in betas.items():
         layer = layers[name]
-        if isinstance(layer.router, SkippingRouter):
+        if router_name(layer.router) == "skipping":
             raise TypeError(f"layer '{name}' already has a SkippingRouter")
-        wrapped = SkippingRouter(layer.router, beta)
+        wrapped = SkippingRouter(layer.hidden_size, layer.num_experts, layer.router, beta=beta)
         wrapped.layer_name = layer.router.layer_name
         layer.router = wrapped.to(next(wrapped.source.parameters()).device)
     return betas

@@ -9,76 +9,7 @@ from torch import nn
 
 from moe.compress.merged_router import MergedRouter
 from moe.layer import MoELayer
-from moe.routers import HashRouter, ReLURouter, Router
-
-
-def check_expert_indices(indices: Sequence[int], num_experts: int, what: str) -> list[int]:
-    """Validate distinct expert ids in [0, num_experts) and return them as a sorted list."""
-    indices = [int(i) for i in indices]
-    bad = [i for i in indices if not 0 <= i < num_experts]
-    if bad:
-        raise ValueError(f"{what}: expert ids {bad} are outside [0, {num_experts})")
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"{what}: expert ids {indices} contain duplicates")
-    if not indices:
-        raise ValueError(f"{what}: at least one expert must remain")
-    return sorted(indices)
-
-
-def _check_top_k(router: Router, new_num_experts: int) -> None:
-    top_k = getattr(router, "top_k", None)
-    if top_k is not None and top_k > new_num_experts:
-        raise ValueError(
-            f"layer '{router.layer_name}' routes top_k={top_k} experts per token; it cannot keep only "
-            f"{new_num_experts} experts (keep at least {top_k})"
-        )
-
-
-def slice_router(router: Router, keep: list[int]) -> None:
-    """Keep only experts ``keep`` in ``router``: its gate rows and every per-expert buffer, in place.
-
-    Per-expert state is any buffer or parameter whose leading dimension is E (e.g. TopKRouter's
-    ``expert_bias``); 0-dim state (ReLU routing's lambda) is per layer and kept; ReLU routing's target
-    sparsity ``1 - k/E`` follows the new E. Anything else, or a router whose expert count is baked into
-    its structure (group-limited routing, hash tables), raises.
-    """
-    old = router.num_experts
-    _check_top_k(router, len(keep))
-    if isinstance(router, HashRouter):
-        raise TypeError(
-            f"layer '{router.layer_name}' uses hash routing: its fixed token -> expert table would leave the "
-            "tokens of removed experts without an expert"
-        )
-    if getattr(router, "num_groups", None) is not None:
-        raise ValueError(
-            f"layer '{router.layer_name}' uses group-limited routing (num_groups={router.num_groups}); "
-            "removing experts would break its contiguous expert groups"
-        )
-    index = torch.tensor(keep, dtype=torch.int64)
-    states = []
-    for module in router.modules():
-        if isinstance(module, Router) and module is not router:
-            raise ValueError(f"cannot slice nested router {type(module).__name__} inside {type(router).__name__}")
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if tensor.dim() == 0:
-                continue
-            if tensor.shape[0] != old:
-                raise ValueError(
-                    f"router state {type(module).__name__}.{name} has shape {tuple(tensor.shape)}: "
-                    f"not per-expert (leading dim {old}) and not a scalar, so it cannot be sliced"
-                )
-            states.append((module, name, tensor))
-    for module, name, tensor in states:
-        sliced = tensor.detach()[index.to(tensor.device)].clone()
-        if isinstance(tensor, nn.Parameter):
-            setattr(module, name, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
-        else:
-            module.register_buffer(name, sliced, persistent=name not in module._non_persistent_buffers_set)
-    if isinstance(getattr(router, "gate", None), nn.Linear):
-        router.gate.out_features = len(keep)
-    router.num_experts = len(keep)
-    if isinstance(router, ReLURouter):
-        router.target_sparsity = 1.0 - router.top_k / len(keep)
+from moe.validation import check_expert_indices
 
 
 def _check_local(layer: MoELayer) -> None:
@@ -99,35 +30,17 @@ def _set_expert_weights(layer: MoELayer, w_in: torch.Tensor, w_out: torch.Tensor
 
 
 @torch.no_grad()
-def keep_router_experts(router: Router, keep: list[int]) -> None:
-    """Restrict ``router`` to experts ``keep`` (sorted, validated) in place; merged routers keep the
-    original experts of the kept groups."""
-    if isinstance(router, MergedRouter):
-        new_id = {g: i for i, g in enumerate(keep)}
-        groups = router.expert_to_group.tolist()
-        members = [e for e, g in enumerate(groups) if g in new_id]
-        slice_router(router.source, members)
-        router.register_buffer(
-            "expert_to_group",
-            torch.tensor([new_id[groups[e]] for e in members], device=router.expert_to_group.device),
-        )
-        router.num_experts = len(keep)
-    else:
-        slice_router(router, keep)
-
-
-@torch.no_grad()
 def keep_experts(layer: MoELayer, keep: Sequence[int]) -> list[int]:
     """Remove every expert of ``layer`` not in ``keep`` (weights, router rows, per-expert buffers).
 
     Keeps the layer consistent: ``num_experts`` everywhere equals ``len(keep)``; raises if
     ``top_k > len(keep)``. Keeping every expert leaves the function unchanged. Returns the sorted kept
-    ids. For a merged layer, ``keep`` names merged experts and the original experts of dropped groups
-    leave the wrapped router.
+    ids. The router restricts itself (``Router.keep_experts``): for a merged layer, ``keep`` names
+    merged experts and the original experts of dropped groups leave the wrapped router.
     """
     _check_local(layer)
     keep = check_expert_indices(keep, layer.num_experts, f"layer '{layer.router.layer_name}'")
-    keep_router_experts(layer.router, keep)
+    layer.router.keep_experts(keep)
     index = torch.tensor(keep, device=layer.experts.w_in.device)
     _set_expert_weights(layer, layer.experts.w_in[index], layer.experts.w_out[index])
     return keep
@@ -202,12 +115,5 @@ def merge_groups(layer: MoELayer, groups: Sequence[Sequence[int]], member_weight
         w_in.append(torch.einsum("m,mhf->hf", weights, experts.w_in[index].double()).to(experts.w_in.dtype))
         w_out.append(torch.einsum("m,mfh->fh", weights, experts.w_out[index].double()).to(experts.w_out.dtype))
         expert_to_group[list(group)] = g
-    router = layer.router
-    if isinstance(router, MergedRouter):
-        composed = expert_to_group.to(router.expert_to_group.device)[router.expert_to_group]
-        router.register_buffer("expert_to_group", composed)
-        router.num_experts = len(groups)
-    else:
-        layer.router = MergedRouter(layer.hidden_size, len(groups), expert_to_group, router)
-        layer.router.layer_name = router.layer_name
+    layer.router = MergedRouter.over(layer.router, expert_to_group)
     _set_expert_weights(layer, torch.stack(w_in), torch.stack(w_out))

@@ -1,31 +1,20 @@
-"""Routers: each maps tokens (T, H) to a ``moe.Routing``; pick one by name with ``build_router``."""
+"""Routers: each maps tokens (T, H) to a ``moe.Routing``; pick one by name with ``build_router``.
 
+A router registers its name with ``@register_router(name)`` where its class is defined; the modules
+below are imported so that the built-in names exist.
+"""
+
+from moe.routers.balanced_assignment import BASERouter
 from moe.routers.base import Router
-from moe.routers.base_layer import BASERouter
 from moe.routers.expert_choice import ExpertChoiceRouter
 from moe.routers.hash import HashRouter
+from moe.routers.registry import INTERNAL_ROUTERS, ROUTERS, build_router, register_router, router_name, router_names
 from moe.routers.relu import ReLURouter
 from moe.routers.sinkhorn import SinkhornRouter
 from moe.routers.topk import TopKRouter
 
-ROUTERS: dict[str, type[Router]] = {
-    "topk": TopKRouter,
-    "expert_choice": ExpertChoiceRouter,
-    "relu": ReLURouter,
-    "base": BASERouter,
-    "sinkhorn": SinkhornRouter,
-    "hash": HashRouter,
-}
-
-
-def build_router(name: str, hidden_size: int, num_experts: int, **kwargs) -> Router:
-    """Build the router registered as ``name`` with its keyword arguments."""
-    if name not in ROUTERS:
-        raise ValueError(f"unknown router {name!r}; valid: {sorted(ROUTERS)}")
-    return ROUTERS[name](hidden_size, num_experts, **kwargs)
-
-
 __all__ = [
+    "INTERNAL_ROUTERS",
     "ROUTERS",
     "BASERouter",
     "ExpertChoiceRouter",
@@ -35,4 +24,7 @@ __all__ = [
     "SinkhornRouter",
     "TopKRouter",
     "build_router",
+    "register_router",
+    "router_name",
+    "router_names",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moe.routing import Routing
-from moe.validation import check_positive_int
+from moe.validation import check_expert_indices, check_positive_int
 
 
 class NonFiniteLogitsError(ValueError, FloatingPointError):
@@ -20,6 +23,10 @@ class Router(nn.Module):
     Logits are computed in float32 whatever the input dtype. Subclasses implement ``route``.
     Routers with per-step state (balancing biases, adaptive coefficients) override
     ``step_update``, which ``moe.update_routers`` calls once per optimizer step.
+
+    What compression asks of a router: ``experts_per_token`` and ``min_experts`` (how few experts it
+    can keep), ``keep_experts`` (restrict it to a subset of experts) and ``expert_grouping`` (the
+    router that selects among the original experts of a merged layer, and the expert -> group map).
     """
 
     def __init__(self, hidden_size: int, num_experts: int):
@@ -65,6 +72,63 @@ class Router(nn.Module):
         """Update every router of this class once per optimizer step (classes may couple them)."""
         for router in routers:
             router.step_update(process_group)
+
+    @property
+    def experts_per_token(self) -> int | None:
+        """Experts each token is routed to (k), or None when it varies by token."""
+        return None
+
+    @property
+    def min_experts(self) -> int:
+        """The fewest experts ``keep_experts`` accepts: ``experts_per_token``, or 1 when it varies."""
+        return self.experts_per_token or 1
+
+    def expert_grouping(self) -> tuple[Router, torch.Tensor]:
+        """The router that selects among the original experts and the (E_original,) expert of each.
+
+        A router selects its own experts: itself and the identity map (merged routers differ).
+        """
+        device = next(itertools.chain(self.parameters(), self.buffers())).device
+        return self, torch.arange(self.num_experts, device=device)
+
+    @torch.no_grad()
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Restrict the router to the distinct expert ids ``keep``, in place; kept experts stay in id order.
+
+        Slices every per-expert parameter and buffer (leading dimension E: the gate rows, balancing
+        biases); 0-dim state (a per-layer coefficient) is kept. Any other state, or a nested router,
+        raises: subclasses whose structure depends on E override this.
+        """
+        keep = check_expert_indices(keep, self.num_experts, f"layer '{self.layer_name}'")
+        if len(keep) < self.min_experts:
+            raise ValueError(
+                f"layer '{self.layer_name}' routes top_k={self.min_experts} experts per token; it cannot keep only "
+                f"{len(keep)} experts (keep at least {self.min_experts})"
+            )
+        states = []
+        for module in self.modules():
+            if isinstance(module, Router) and module is not self:
+                raise ValueError(f"cannot slice nested router {type(module).__name__} inside {type(self).__name__}")
+            own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            for name, tensor in own:
+                if tensor.dim() == 0:
+                    continue
+                if tensor.shape[0] != self.num_experts:
+                    raise ValueError(
+                        f"router state {type(module).__name__}.{name} has shape {tuple(tensor.shape)}: "
+                        f"not per-expert (leading dim {self.num_experts}) and not a scalar, so it cannot be sliced"
+                    )
+                states.append((module, name, tensor))
+        index = torch.tensor(keep, dtype=torch.int64)
+        for module, name, tensor in states:
+            sliced = tensor.detach()[index.to(tensor.device)].clone()
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, name, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+            else:
+                module.register_buffer(name, sliced, persistent=name not in module._non_persistent_buffers_set)
+        if self.gate is not None:
+            self.gate.out_features = len(keep)
+        self.num_experts = len(keep)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}"

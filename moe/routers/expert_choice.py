@@ -8,10 +8,12 @@ import torch
 
 from moe.losses import z_loss
 from moe.routers.base import Router
+from moe.routers.registry import register_router
 from moe.routing import Routing, from_expert_major
 from moe.validation import check_nonnegative_float, check_positive_float
 
 
+@register_router("expert_choice")
 class ExpertChoiceRouter(Router):
     """Each expert takes exactly its ``C`` highest-scoring tokens; a token may get 0..E experts.
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from moe.routers.base import Router
+from moe.routers.registry import register_router
 from moe.routing import Routing, group_by_expert
 from moe.validation import check_positive_int
 
 
+@register_router("hash")
 class HashRouter(Router):
     """Each token goes to the expert ``table[token_id]``, a fixed random table; weight 1.
 
@@ -58,6 +62,17 @@ class HashRouter(Router):
         logits = torch.zeros(num_tokens, self.num_experts, dtype=torch.float32, device=x.device)
         weight = torch.ones(num_tokens, dtype=torch.float32, device=x.device)
         return group_by_expert(token_index, expert_index, weight, logits, logits.new_zeros(()))
+
+    @property
+    def experts_per_token(self) -> int:
+        return 1
+
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Refused: the fixed token -> expert table would leave the tokens of removed experts without one."""
+        raise TypeError(
+            f"layer '{self.layer_name}' uses hash routing: its fixed token -> expert table would leave the "
+            "tokens of removed experts without an expert"
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, vocab_size={self.vocab_size}, seed={self.seed}"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
 from moe.losses import load_balancing_loss
 from moe.routers.base import Router, all_reduce_if_distributed
+from moe.routers.registry import register_router
 from moe.routing import Routing, count_per_expert
 from moe.validation import check_positive_float, check_top_k
 
 
+@register_router("relu")
 class ReLURouter(Router):
     """Fully differentiable routing: weights ``R = ReLU(x W)``; a pair is active where ``R > 0``.
 
@@ -109,6 +113,16 @@ class ReLURouter(Router):
             router.last_sparsity.copy_(torch.where(num_seen > 0, sparsity, router.last_sparsity.double()))
             router.step_active_pairs.zero_()
             router.step_total_pairs.zero_()
+
+    @property
+    def min_experts(self) -> int:
+        """``top_k``: the target sparsity ``1 - top_k / E`` needs at least top_k experts."""
+        return self.top_k
+
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Slice as the base router does; the target sparsity ``1 - top_k / E`` follows the new E."""
+        super().keep_experts(keep)
+        self.target_sparsity = 1.0 - self.top_k / self.num_experts
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, multiplier={self.multiplier}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe.routers.base import Router
+from moe.routers.registry import register_router
 from moe.routing import Routing, group_by_expert
 from moe.validation import check_positive_float, check_positive_int, check_top_k
 
@@ -35,6 +36,7 @@ def sinkhorn(logits: torch.Tensor, tolerance: float, max_iterations: int) -> tor
         return d0.unsqueeze(1) * cost * d1
 
 
+@register_router("sinkhorn")
 class SinkhornRouter(Router):
     """Top-k of the Sinkhorn-balanced scores in training, top-k of the gate scores in eval.
 
@@ -83,6 +85,10 @@ class SinkhornRouter(Router):
         weight = scores.gather(1, chosen)
         token_index = torch.arange(num_tokens, device=logits.device).repeat_interleave(self.top_k)
         return group_by_expert(token_index, chosen.flatten(), weight.flatten(), logits, logits.new_zeros(()))
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.top_k
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, tolerance={self.tolerance}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
 from moe.routers.base import Router, all_reduce_if_distributed
+from moe.routers.registry import register_router
 from moe.routing import Routing, count_per_expert, group_by_expert
 from moe.validation import check_nonnegative_float, check_positive_float, check_positive_int, check_top_k
 
@@ -16,6 +18,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probability", "position")
 
 
+@register_router("topk")
 class TopKRouter(Router):
     """Each token picks its ``top_k`` highest-scoring experts.
 
@@ -217,6 +220,19 @@ class TopKRouter(Router):
         load = all_reduce_if_distributed(self.step_load.clone(), process_group).float()
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.step_load.zero_()
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.top_k
+
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Slice the gate rows and balancing bias; refused for group-limited routing (E is split in groups)."""
+        if self.num_groups is not None:
+            raise ValueError(
+                f"layer '{self.layer_name}' uses group-limited routing (num_groups={self.num_groups}); "
+                "removing experts would break its contiguous expert groups"
+            )
+        super().keep_experts(keep)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, score_function={self.score_function}"

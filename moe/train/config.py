@@ -85,9 +85,10 @@ class RouterSchema:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        from moe.routers import ROUTERS
+        from moe.routers import ROUTERS, router_names
 
-        _choice("router.name", self.name, sorted(ROUTERS))
+        if self.name not in ROUTERS:  # internal names (a merged checkpoint's "merged") load but are not offered
+            _choice("router.name", self.name, router_names())
         params = inspect.signature(ROUTERS[self.name].__init__).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return

@@ -1,6 +1,7 @@
 """moe.compress: calibration statistics, pruning, merging, alignment and skipping against direct references."""
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -12,6 +13,7 @@ from moe import compress
 from moe.compress.calibration import dense_weights
 from moe.compress.merged_router import group_logsumexp
 from moe.compress.surgery import permute_hidden_units
+from moe.model import GPT, ModelConfig
 
 pytest.importorskip("scipy", reason="moe.compress merging needs scipy")
 
@@ -418,6 +420,19 @@ def test_dynamic_skipping_drops_second_expert_below_median_ratio():
         compress.enable_skipping(model, betas=betas)
     with pytest.raises(ValueError, match="top-2"):
         compress.enable_skipping(moe.MoELayer(H, F, E, top_k=1), betas={"": 0.5})
+
+
+@torch.no_grad()
+def test_skipping_model_rebuilds_from_config_and_state_dict():
+    cfg = ModelConfig(vocab_size=64, seq_len=16, num_layers=2, hidden_size=32, num_heads=2, ffn_hidden_size=48)
+    model = GPT(cfg).eval()
+    betas = compress.enable_skipping(model, betas={name: 0.6 for name, _ in moe.moe_layers(model)})
+    rebuilt = GPT(dataclasses.replace(cfg, router="skipping")).eval()
+    assert float(rebuilt.blocks[0].ffn.router.beta) == 0.0  # skips nothing until the saved beta loads
+    rebuilt.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (3, 16))
+    torch.testing.assert_close(rebuilt(idx)[0], model(idx)[0])
+    assert [float(layer.router.beta) for _, layer in moe.moe_layers(rebuilt)] == pytest.approx(list(betas.values()))
 
 
 @pytest.mark.gpu

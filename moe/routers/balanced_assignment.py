@@ -6,10 +6,12 @@ import torch
 
 from moe.routers.auction import balanced_assignment
 from moe.routers.base import Router
+from moe.routers.registry import register_router
 from moe.routing import Routing, group_by_expert
 from moe.validation import check_positive_float
 
 
+@register_router("base")
 class BASERouter(Router):
     """Training: a balanced assignment maximising total affinity; eval: each token's best expert.
 
@@ -50,6 +52,10 @@ class BASERouter(Router):
         token_index = torch.arange(num_tokens, device=logits.device)
         weight = logits.gather(1, expert_index.unsqueeze(1)).squeeze(1).sigmoid()
         return group_by_expert(token_index, expert_index, weight, logits, logits.new_zeros(()))
+
+    @property
+    def experts_per_token(self) -> int:
+        return 1
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, auction_epsilon={self.auction_epsilon}"
