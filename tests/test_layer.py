@@ -138,6 +138,30 @@ def test_aux_loss_sums_every_layer_and_reaches_both_routers():
         assert block.router.gate.weight.grad.abs().sum() > 0
 
 
+class SkippableModel(TwoBlockModel):
+    def forward(self, x, skip_last=False):
+        x = self.embed(x)
+        for block in self.blocks[:1] if skip_last else self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_aux_loss_counts_only_the_layers_of_the_latest_forward():
+    model = SkippableModel()
+    x = torch.randn(3, 4, 8)
+    model(x)
+    torch.testing.assert_close(moe.aux_loss(model), model.blocks[0].aux_loss + model.blocks[1].aux_loss)
+    model(x, skip_last=True)  # blocks.1 keeps its loss from the first forward: it must not count
+    torch.testing.assert_close(moe.aux_loss(model), model.blocks[0].aux_loss)
+
+
+def test_aux_loss_counts_each_forward_once():
+    model = TwoBlockModel()
+    model(torch.randn(3, 4, 8))
+    assert moe.aux_loss(model).item() > 0
+    assert moe.aux_loss(model).item() == 0.0  # read already: no layer ran since
+
+
 def test_non_finite_logits_raise_naming_the_layer():
     model = TwoBlockModel()
     moe.name_moe_layers(model)
