@@ -112,6 +112,18 @@ def test_last_stats_match_an_independent_count():
     torch.testing.assert_close(layer.last_stats.aux_loss, layer.aux_loss.detach())
 
 
+def test_last_routing_is_the_routing_of_the_last_forward():
+    layer = moe.MoELayer(8, 16, 6, top_k=2).eval()
+    assert layer.last_routing is None
+    for _ in range(2):
+        x = torch.randn(2, 5, 8)
+        layer(x)
+        expected = layer.router(x.reshape(-1, 8), seq_len=5)
+        for name in ("token_index", "expert_index", "tokens_per_expert", "weight", "logits", "aux_loss"):
+            torch.testing.assert_close(getattr(layer.last_routing, name), getattr(expected, name), msg=name)
+    assert layer.last_routing.aux_loss is layer.aux_loss
+
+
 class TwoBlockModel(nn.Module):
     def __init__(self):
         super().__init__()
