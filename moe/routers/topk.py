@@ -259,11 +259,15 @@ class TopKRouter(Router):
         # Only a dtype change is undone (from the float32 original, so no value is rounded); device moves
         # and to_empty (whose source may be a meta tensor, which cannot be copied) keep fn's result.
         bias = self._buffers.get("expert_bias")
+        load = self._buffers.get("step_load")
         super()._apply(fn, recurse)
         if bias is not None:
             moved = self._buffers["expert_bias"]
             if moved.dtype != torch.float32:
                 self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        if load is not None and load.is_meta and not self.step_load.is_meta:
+            # to_empty after meta init: nothing was counted yet, and step_load is not in the state dict.
+            self.step_load.zero_()
         return self
 
     @torch.no_grad()
