@@ -1,10 +1,12 @@
 """The dispatcher registry and ExpertPlacement: a dispatcher defined here plugs into MoELayer by name."""
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import moe
 from moe.dispatch import (
@@ -16,7 +18,9 @@ from moe.dispatch import (
     build_dispatcher,
     register_dispatcher,
 )
+from moe.dispatch.expert_parallel import ExpertParallelDispatcher
 from moe.model import ModelConfig
+from moe.parallel import expert_parallel_layers, to_expert_parallel
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,35 @@ def test_an_instance_is_accepted_when_it_is_placed_for_the_layers_experts():
         moe.MoELayer(8, 16, 4, top_k=2, dispatcher=OneHotDispatcher(6))
     with pytest.raises(TypeError, match="dispatcher must be a name or a moe.dispatch.Dispatcher, got int"):
         moe.MoELayer(8, 16, 4, top_k=2, dispatcher=3)
+
+
+class CountingExchange(ExpertParallelDispatcher):
+    """The EP dispatcher, counting its permutes: a sibling that to_expert_parallel must build by name."""
+
+    def __init__(self, ep_group, num_experts):
+        super().__init__(ep_group, num_experts)
+        self.permutes = 0
+
+    def permute(self, x, routing):
+        self.permutes += 1
+        return super().permute(x, routing)
+
+
+def test_to_expert_parallel_builds_the_named_dispatcher(tmp_path):
+    register_dispatcher("counting_exchange")(CountingExchange)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        full = moe.MoELayer(8, 16, 4, top_k=2)
+        ep_layer = to_expert_parallel(copy.deepcopy(full), dist.group.WORLD, dispatcher="counting_exchange")
+        assert isinstance(ep_layer.dispatcher, CountingExchange)
+        assert ep_layer.placement == ExpertPlacement(4, 1, 0, dist.group.WORLD)
+        assert [name for name, _ in expert_parallel_layers(ep_layer)] == [""]
+        x = torch.randn(12, 8)
+        torch.testing.assert_close(ep_layer(x), full(x))
+        assert ep_layer.dispatcher.permutes == 1
+    finally:
+        dist.destroy_process_group()
+        del DISPATCHERS["counting_exchange"]
 
 
 def test_unknown_dispatcher_names_the_valid_ones():
