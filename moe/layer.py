@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.dispatch import LocalDispatcher
-from moe.dispatch.fused import FusedDispatcher, build_kernel_router
+from moe.dispatch import Dispatcher, ExpertPlacement, build_dispatcher
 from moe.experts import DenseMLP, ExpertMLP, build_experts
-from moe.routers import Router, build_router
+from moe.routers import Router, TopKRouter, build_router
+from moe.routing import Routing
 from moe.validation import check_positive_int
 
 
@@ -41,14 +41,16 @@ class MoELayer(nn.Module):
         shared_experts: number of always-on experts (DeepSeek-MoE); implemented as one dense MLP of
             width ``shared_experts * ffn_hidden_size``, or ``shared_ffn_hidden_size`` when given.
         shared_expert_gate: multiply the shared output by a learned ``sigmoid(x . w)`` (Qwen2-MoE).
-        dispatcher: permute/combine strategy; default ``LocalDispatcher`` (expert parallel: pass an EP one).
-        kernels: use the Triton kernels (``moe.kernels``): ``FusedDispatcher``, and for ``router="topk"``
-            the fused top-k router; pure torch where they cannot run (no triton, or CPU tensors).
+        dispatcher: the permute/combine strategy, a name of ``moe.dispatch.DISPATCHERS`` built for
+            ``num_experts`` ("local": pure torch, the default; "triton": the ``moe.kernels`` permute/combine
+            and, for a top-k router built by name, its Triton top-k selection; pure torch where they cannot
+            run) or a ``moe.dispatch.Dispatcher`` instance (expert parallel: see ``moe.parallel``).
 
     Returns a tensor of the input's shape: the sum over each token's experts of weight * expert(x)
     (plus the shared experts). Tokens routed to no expert get zero; the caller adds the residual.
-    After each forward, ``layer.aux_loss`` holds the router's weighted auxiliary loss (with grad)
-    and ``layer.last_stats`` the routing statistics.
+    After each forward, ``layer.aux_loss`` holds the router's weighted auxiliary loss (with grad),
+    ``layer.last_routing`` the ``moe.Routing`` and ``layer.last_stats`` the routing statistics;
+    ``moe.aux_loss(model)`` reads (and consumes) the layers' losses for training.
 
     Cost per token: the router GEMM (H x E) plus, for each of its ~k experts, 2 * H * F * (3 if
     swiglu else 2) FLOPs forward; memory for the N = T * k permuted rows and their hidden states.
@@ -66,21 +68,37 @@ class MoELayer(nn.Module):
         shared_experts: int = 0,
         shared_ffn_hidden_size: int | None = None,
         shared_expert_gate: bool = False,
-        dispatcher=None,
-        kernels: bool = False,
+        dispatcher: str | Dispatcher = "local",
         **router_kwargs,
     ):
         super().__init__()
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.num_experts = check_positive_int("num_experts", num_experts)
         check_positive_int("ffn_hidden_size", ffn_hidden_size)
+        if "kernels" in router_kwargs:
+            raise ValueError(
+                "MoELayer(kernels=...) was renamed: use dispatcher='triton' "
+                "(it selects the Triton router top-k and permute/combine)"
+            )
+        if isinstance(dispatcher, str):
+            self.dispatcher = build_dispatcher(dispatcher, num_experts)
+        elif isinstance(dispatcher, Dispatcher):
+            if dispatcher.placement.num_experts != num_experts:
+                raise ValueError(
+                    f"dispatcher is placed for num_experts={dispatcher.placement.num_experts}; "
+                    f"layer has num_experts={num_experts}"
+                )
+            self.dispatcher = dispatcher
+        else:
+            raise TypeError(f"dispatcher must be a name or a moe.dispatch.Dispatcher, got {type(dispatcher).__name__}")
         if isinstance(router, Router):
             if router_kwargs:
                 raise TypeError(f"router keyword arguments {sorted(router_kwargs)} given with a router instance")
             self.router = router
         elif isinstance(router, str):
-            build = build_kernel_router if kernels else build_router
-            self.router = build(router, hidden_size, num_experts, **router_kwargs)
+            self.router = build_router(router, hidden_size, num_experts, **router_kwargs)
+            if isinstance(self.router, TopKRouter):
+                self.router.triton_topk = self.dispatcher.triton_topk
         else:
             raise TypeError(f"router must be a name or a moe.routers.Router, got {type(router).__name__}")
         if self.router.num_experts != num_experts or self.router.hidden_size != hidden_size:
@@ -88,12 +106,7 @@ class MoELayer(nn.Module):
                 f"router has hidden_size={self.router.hidden_size}, num_experts={self.router.num_experts}; "
                 f"layer has hidden_size={hidden_size}, num_experts={num_experts}"
             )
-        if kernels:
-            if dispatcher is not None:
-                raise ValueError("kernels=True selects FusedDispatcher; pass kernels=True or dispatcher=, not both")
-            dispatcher = FusedDispatcher()
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
-        num_local = getattr(self.dispatcher, "num_local_experts", num_experts)
+        num_local = self.placement.num_local_experts
         if isinstance(experts, ExpertMLP):
             if (experts.num_experts, experts.hidden_size) != (num_local, hidden_size):
                 raise ValueError(
@@ -118,8 +131,19 @@ class MoELayer(nn.Module):
         elif shared_expert_gate:
             raise ValueError("shared_expert_gate=True needs shared_experts > 0 or shared_ffn_hidden_size")
         self.aux_loss: torch.Tensor | None = None
+        self.last_routing: Routing | None = None
         self.last_stats: RoutingStats | None = None
-        self.last_routing = None
+        self._unread_aux_loss: torch.Tensor | None = None
+
+    @property
+    def placement(self) -> ExpertPlacement:
+        """Which experts this layer holds (its dispatcher's ``ExpertPlacement``)."""
+        return self.dispatcher.placement
+
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """The aux loss of the forward that ran since the last call, once; None if none ran since."""
+        loss, self._unread_aux_loss = self._unread_aux_loss, None
+        return loss
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Route, run the experts and combine; ``token_ids`` (x's leading shape) feed the hash router."""
@@ -137,6 +161,7 @@ class MoELayer(nn.Module):
                 shared = shared * torch.sigmoid(self.shared_expert_gate(flat))
             out = out + shared
         self.aux_loss = routing.aux_loss
+        self._unread_aux_loss = routing.aux_loss
         self.last_routing = routing
         self.last_stats = RoutingStats(
             tokens_per_expert=routing.tokens_per_expert.detach(),
@@ -158,8 +183,16 @@ def name_moe_layers(model: nn.Module) -> None:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of every MoE layer's auxiliary loss from its last forward (add it to the task loss)."""
-    losses = [layer.aux_loss for _, layer in moe_layers(model) if layer.aux_loss is not None]
+    """Sum of the auxiliary losses of ``model``'s MoE layers that ran since the previous call (add it to the
+    task loss); a scalar zero when none did.
+
+    Reading consumes: each layer forward counts in exactly one call, so a layer the latest forward skipped
+    contributes nothing, and a second call without a new forward returns zero. Call it once after each
+    forward whose loss you train on (the trainer does, once per micro-batch). ``layer.aux_loss`` keeps the
+    last forward's loss for inspection.
+    """
+    taken = [layer.take_aux_loss() for _, layer in moe_layers(model)]
+    losses = [loss for loss in taken if loss is not None]
     if not losses:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.dispatch import DISPATCHERS
 from moe.experts import ACTIVATIONS, EXPERT_IMPLEMENTATIONS, DenseMLP, ExpertMLP
 from moe.layer import MoELayer, moe_layers, name_moe_layers
 from moe.routers import ROUTERS, router_names
@@ -35,8 +36,10 @@ class ModelConfig:
     model (no MoE layer). ``shared_experts``: always-on experts of width ``ffn_hidden_size`` each.
     ``router`` names an entry of ``moe.routers.ROUTERS``, built with ``router_kwargs`` plus ``top_k`` and
     ``vocab_size`` when the router's constructor takes them. ``experts`` names an entry of
-    ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``kernels`` selects the Triton permute/combine
-    (and fused top-k router) of ``moe.kernels`` on CUDA.
+    ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``dispatcher`` names an entry of ``moe.dispatch.DISPATCHERS``
+    built for the layer's experts: "local" (pure torch) or "triton" (the Triton permute/combine and top-k
+    selection of ``moe.kernels``, on CUDA); expert parallelism is applied afterwards by
+    ``moe.parallel.to_expert_parallel``.
     """
 
     vocab_size: int = 256
@@ -52,7 +55,7 @@ class ModelConfig:
     router: str = "topk"
     router_kwargs: dict[str, Any] = field(default_factory=dict)
     experts: str = "grouped"
-    kernels: bool = False
+    dispatcher: str = "local"
     activation: str = "swiglu"
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -77,6 +80,12 @@ class ModelConfig:
             raise ValueError(f"unknown router {self.router!r}; valid: {router_names()}")
         if self.experts not in EXPERT_IMPLEMENTATIONS:
             raise ValueError(f"unknown experts {self.experts!r}; valid: {sorted(EXPERT_IMPLEMENTATIONS)}")
+        if self.dispatcher not in DISPATCHERS or self.dispatcher == "expert_parallel":
+            valid = sorted(set(DISPATCHERS) - {"expert_parallel"})
+            raise ValueError(
+                f"unknown dispatcher {self.dispatcher!r}; valid: {valid} "
+                "(expert parallelism: build with 'local', then moe.parallel.to_expert_parallel)"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -169,7 +178,7 @@ class Block(nn.Module):
                 activation=cfg.activation,
                 experts=cfg.experts,
                 shared_experts=cfg.shared_experts,
-                kernels=cfg.kernels,
+                dispatcher=cfg.dispatcher,
                 **_router_kwargs(cfg),
             )
         else:

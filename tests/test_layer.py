@@ -113,6 +113,18 @@ def test_last_stats_match_an_independent_count():
 
 
 def test_last_routing_is_the_routing_of_the_last_forward():
+    layer = moe.MoELayer(8, 16, 6, top_k=2).eval()
+    assert layer.last_routing is None
+    for _ in range(2):
+        x = torch.randn(2, 5, 8)
+        layer(x)
+        expected = layer.router(x.reshape(-1, 8), seq_len=5)
+        for name in ("token_index", "expert_index", "tokens_per_expert", "weight", "logits", "aux_loss"):
+            torch.testing.assert_close(getattr(layer.last_routing, name), getattr(expected, name), msg=name)
+    assert layer.last_routing.aux_loss is layer.aux_loss
+
+
+def test_last_routing_matches_an_independent_top_k():
     layer = moe.MoELayer(8, 16, 6, top_k=2)
     assert layer.last_routing is None
     x = torch.randn(2, 15, 8)
@@ -150,6 +162,30 @@ def test_aux_loss_sums_every_layer_and_reaches_both_routers():
     total.backward()
     for block in model.blocks:
         assert block.router.gate.weight.grad.abs().sum() > 0
+
+
+class SkippableModel(TwoBlockModel):
+    def forward(self, x, skip_last=False):
+        x = self.embed(x)
+        for block in self.blocks[:1] if skip_last else self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_aux_loss_counts_only_the_layers_of_the_latest_forward():
+    model = SkippableModel()
+    x = torch.randn(3, 4, 8)
+    model(x)
+    torch.testing.assert_close(moe.aux_loss(model), model.blocks[0].aux_loss + model.blocks[1].aux_loss)
+    model(x, skip_last=True)  # blocks.1 keeps its loss from the first forward: it must not count
+    torch.testing.assert_close(moe.aux_loss(model), model.blocks[0].aux_loss)
+
+
+def test_aux_loss_counts_each_forward_once():
+    model = TwoBlockModel()
+    model(torch.randn(3, 4, 8))
+    assert moe.aux_loss(model).item() > 0
+    assert moe.aux_loss(model).item() == 0.0  # read already: no layer ran since
 
 
 def test_non_finite_logits_raise_naming_the_layer():

@@ -68,7 +68,7 @@ def _calibrate_relu(layer: MoELayer, x: torch.Tensor, top_k: int) -> None:
 def _layer(shape: dict, activation: str, variant: str, router: str = "topk", x: torch.Tensor | None = None) -> MoELayer:
     kwargs = {**_router_kwargs(shape, router), "activation": activation}
     if variant == "kernels":
-        kwargs["kernels"] = True
+        kwargs["dispatcher"] = "triton"
     if variant == "loop":
         kwargs["experts"] = "loop"
     layer = MoELayer(shape["hidden"], shape["ffn"], shape["experts"], **kwargs).to(DEVICE, torch.bfloat16).train()

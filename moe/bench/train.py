@@ -36,8 +36,8 @@ with open(SMALL_YAML, encoding="utf-8") as _f:
 def run_variant(name: str, args, sampler: BatchSampler) -> dict:
     """Train ``args.warmup + args.steps`` steps of one variant; return its median step time and rates."""
     torch.manual_seed(0)
-    kernels = name.startswith("kernels")
-    model = GPT(ModelConfig(**SMALL, kernels=kernels)).cuda()
+    dispatcher = "triton" if name.startswith("kernels") else "local"
+    model = GPT(ModelConfig(**SMALL, dispatcher=dispatcher)).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     forward = torch.compile(model) if name.endswith("compile") else model
     times = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from moe.validation import check_expert_indices
 
 
 def _check_local(layer: MoELayer) -> None:
-    local = getattr(layer.dispatcher, "num_local_experts", layer.num_experts)
+    local = layer.placement.num_local_experts
     if local != layer.num_experts or layer.experts.num_experts != layer.num_experts:
         raise ValueError(
             "compression needs all experts in one process (expert-parallel layers hold "
@@ -27,6 +28,7 @@ def _set_expert_weights(layer: MoELayer, w_in: torch.Tensor, w_out: torch.Tensor
     experts.w_out = nn.Parameter(w_out.contiguous(), requires_grad=experts.w_out.requires_grad)
     experts.num_experts = w_in.shape[0]
     layer.num_experts = w_in.shape[0]
+    layer.dispatcher.placement = dataclasses.replace(layer.placement, num_experts=w_in.shape[0])
 
 
 @torch.no_grad()

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe.dispatch.local import Dispatched
+from moe.dispatch.base import Dispatched, Dispatcher, weighted_scatter_add
+from moe.dispatch.placement import ExpertPlacement
+from moe.dispatch.registry import register_dispatcher
 from moe.routing import Routing
-from moe.validation import check_positive_int
 
 
 class _AllToAll(torch.autograd.Function):
@@ -37,21 +38,25 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
-@dataclass
-class _ExchangeState:
+@dataclass(frozen=True)
+class ExchangeState:
+    """What ``ExpertParallelDispatcher.combine`` needs to send the expert outputs home."""
+
     send_splits: list[int]
     recv_splits: list[int]
     order: torch.Tensor | None  # received-row index of each expert-sorted row; None when already sorted
 
 
-class ExpertParallelDispatcher:
+@register_dispatcher("expert_parallel")
+class ExpertParallelDispatcher(Dispatcher):
     """Moves each routed row to the EP rank holding its expert and brings the expert output back.
 
     EP rank ``p`` of ``ep_group`` holds experts ``[p * L, (p + 1) * L)`` with ``L = num_experts / ep_size``
-    (``num_local_experts``). ``permute`` gathers rows in expert order (as the local dispatcher), exchanges
-    the per-expert counts (one small all-to-all), sends the rows with an uneven ``all_to_all_single`` and
-    regroups what arrives by local expert; ``combine`` undoes the regrouping, sends the expert outputs
-    back and scatter-adds ``weight * y`` per token. Routing stays on each rank's own tokens.
+    (``placement``, an ``ExpertPlacement`` over ``ep_group``). ``permute`` gathers rows in expert order
+    (as the local dispatcher), exchanges the per-expert counts (one small all-to-all), sends the rows with
+    an uneven ``all_to_all_single`` and regroups what arrives by local expert; ``combine`` undoes the
+    regrouping, sends the expert outputs back and scatter-adds ``weight * y`` per token. Routing stays on
+    each rank's own tokens.
 
     Host sync: ``all_to_all_single`` takes its split sizes as Python ints, so each forward copies the
     (2, ep_size) send/receive row counts to the host once. That is inherent to an uneven all-to-all;
@@ -62,40 +67,29 @@ class ExpertParallelDispatcher:
     """
 
     def __init__(self, ep_group: dist.ProcessGroup, num_experts: int):
-        check_positive_int("num_experts", num_experts)
-        self.ep_group = ep_group
-        self.ep_size = dist.get_world_size(ep_group)
-        self.ep_rank = dist.get_rank(ep_group)
-        if num_experts % self.ep_size != 0:
-            raise ValueError(f"num_experts={num_experts} must be divisible by the EP group size ep_size={self.ep_size}")
-        self.num_experts = num_experts
-        self.num_local_experts = num_experts // self.ep_size
+        super().__init__(ExpertPlacement.over_group(num_experts, ep_group))
 
-    @property
-    def local_experts(self) -> range:
-        """Global indices of the experts this rank holds."""
-        start = self.ep_rank * self.num_local_experts
-        return range(start, start + self.num_local_experts)
-
-    def permute(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+    def permute(self, x: torch.Tensor, routing: Routing) -> Dispatched[ExchangeState]:
         """Rows (N_local, H) for this rank's experts, grouped by local expert, and their (L,) counts."""
-        if routing.num_experts != self.num_experts:
+        placement = self.placement
+        if routing.num_experts != placement.num_experts:
             raise ValueError(
-                f"routing has {routing.num_experts} experts, dispatcher was built for num_experts={self.num_experts}"
+                f"routing has {routing.num_experts} experts, dispatcher was built for "
+                f"num_experts={placement.num_experts}"
             )
-        local = self.num_local_experts
+        local, ep_size, group = placement.num_local_experts, placement.ep_size, placement.ep_group
         send_counts = routing.tokens_per_expert.to(torch.int64)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
-        recv_matrix = recv_counts.view(self.ep_size, local)
-        splits = torch.stack([send_counts.view(self.ep_size, local).sum(1), recv_matrix.sum(1)])
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        recv_matrix = recv_counts.view(ep_size, local)
+        splits = torch.stack([send_counts.view(ep_size, local).sum(1), recv_matrix.sum(1)])
         send_splits, recv_splits = splits.cpu().tolist()
-        received = all_to_all(x.index_select(0, routing.token_index), recv_splits, send_splits, self.ep_group)
+        received = all_to_all(x.index_select(0, routing.token_index), recv_splits, send_splits, group)
         order = None
-        if local > 1 and self.ep_size > 1:
+        if local > 1 and ep_size > 1:
             # Rows arrive grouped by source rank, then by expert; the experts want them by expert first.
             expert_of_row = torch.repeat_interleave(
-                torch.arange(local, device=x.device).repeat(self.ep_size),
+                torch.arange(local, device=x.device).repeat(ep_size),
                 recv_matrix.flatten(),
                 output_size=received.shape[0],
             )
@@ -104,21 +98,15 @@ class ExpertParallelDispatcher:
         return Dispatched(
             rows=received,
             tokens_per_expert=recv_matrix.sum(0),
-            state=_ExchangeState(send_splits=send_splits, recv_splits=recv_splits, order=order),
+            state=ExchangeState(send_splits=send_splits, recv_splits=recv_splits, order=order),
         )
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, routing: Routing) -> torch.Tensor:
+    def combine(
+        self, expert_out: torch.Tensor, dispatched: Dispatched[ExchangeState], routing: Routing
+    ) -> torch.Tensor:
         """(T, H) sum over each local token's pairs of ``weight * expert_out``; tokens with no pair get 0."""
-        state: _ExchangeState = dispatched.state
+        state = dispatched.state
         if state.order is not None:
             expert_out = expert_out.new_empty(expert_out.shape).index_copy(0, state.order, expert_out)
-        returned = all_to_all(expert_out, state.send_splits, state.recv_splits, self.ep_group)
-        weighted = returned * routing.weight.unsqueeze(-1).to(returned.dtype)
-        out = returned.new_zeros(routing.num_tokens, returned.shape[-1])
-        return out.index_add(0, routing.token_index, weighted)
-
-    def __repr__(self) -> str:
-        return (
-            f"ExpertParallelDispatcher(ep_size={self.ep_size}, ep_rank={self.ep_rank}, "
-            f"num_experts={self.num_experts}, num_local_experts={self.num_local_experts})"
-        )
+        returned = all_to_all(expert_out, state.send_splits, state.recv_splits, self.placement.ep_group)
+        return weighted_scatter_add(returned, routing)

@@ -2,31 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from moe.dispatch.base import Dispatched, Dispatcher, weighted_scatter_add
+from moe.dispatch.placement import ExpertPlacement
+from moe.dispatch.registry import register_dispatcher
 from moe.routing import Routing
 
 
-@dataclass
-class Dispatched:
-    """Rows in expert order for the local experts, and what combine needs to undo the permute."""
+@register_dispatcher("local")
+class LocalDispatcher(Dispatcher):
+    """Gathers ``x[token_index]`` for the experts and scatter-adds ``weight * y`` back per token (pure torch)."""
 
-    rows: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    state: object = None
+    def __init__(self, num_experts: int):
+        super().__init__(ExpertPlacement(num_experts))
 
-
-class LocalDispatcher:
-    """Gathers ``x[token_index]`` for the experts and scatter-adds ``weight * y`` back per token."""
-
-    def permute(self, x: torch.Tensor, routing: Routing) -> Dispatched:
+    def permute(self, x: torch.Tensor, routing: Routing) -> Dispatched[None]:
         """Rows (N, H) in expert order with their (E,) counts."""
         return Dispatched(rows=x.index_select(0, routing.token_index), tokens_per_expert=routing.tokens_per_expert)
 
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched, routing: Routing) -> torch.Tensor:
+    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched[None], routing: Routing) -> torch.Tensor:
         """(T, H) sum over each token's pairs of ``weight * expert_out``; tokens with no pair get 0."""
-        weighted = expert_out * routing.weight.unsqueeze(-1).to(expert_out.dtype)
-        out = expert_out.new_zeros(routing.num_tokens, expert_out.shape[-1])
-        return out.index_add(0, routing.token_index, weighted)
+        return weighted_scatter_add(expert_out, routing)

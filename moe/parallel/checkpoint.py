@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from moe.dispatch import ExpertPlacement
 from moe.parallel.sharding import expert_parallel_layers
 
 
@@ -23,37 +24,37 @@ def gather_expert_tensor(shard: torch.Tensor, ep_group: dist.ProcessGroup) -> to
     return torch.cat(parts)
 
 
-def _expert_groups_by_param(model: nn.Module) -> dict[int, tuple[str, object]]:
-    """id(expert parameter) -> (state-dict name, its layer's dispatcher)."""
+def _expert_groups_by_param(model: nn.Module) -> dict[int, tuple[str, ExpertPlacement]]:
+    """id(expert parameter) -> (state-dict name, its layer's expert placement)."""
     found = {}
     for layer_name, layer in expert_parallel_layers(model):
         prefix = f"{layer_name}.experts." if layer_name else "experts."
         for name, param in layer.experts.named_parameters():
-            found[id(param)] = (prefix + name, layer.dispatcher)
+            found[id(param)] = (prefix + name, layer.placement)
     return found
 
 
-def _to_full(value, param: torch.Tensor, dispatcher) -> object:
+def _to_full(value, param: torch.Tensor, placement: ExpertPlacement | None) -> object:
     """A state value at its parameter's full shape (collective when sharded); other values unchanged."""
     if not isinstance(value, torch.Tensor):
         return value
     if isinstance(value, DTensor):
         return value.full_tensor()
-    if dispatcher is not None and value.shape == param.shape:
-        return gather_expert_tensor(value, dispatcher.ep_group)
+    if placement is not None and value.shape == param.shape:
+        return gather_expert_tensor(value, placement.ep_group)
     return value
 
 
-def _to_local(value, param: torch.Tensor, dispatcher, name: str) -> object:
+def _to_local(value, param: torch.Tensor, placement: ExpertPlacement | None, name: str) -> object:
     """The inverse of ``_to_full``: this rank's slice or shard of a full-shape state value."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
-    if dispatcher is not None:
-        if value.shape[0] != dispatcher.num_experts:
+    if placement is not None:
+        if value.shape[0] != placement.num_experts:
             raise ValueError(
-                f"'{name}' has {value.shape[0]} experts in the checkpoint, the layer has {dispatcher.num_experts}"
+                f"'{name}' has {value.shape[0]} experts in the checkpoint, the layer has {placement.num_experts}"
             )
-        local = dispatcher.local_experts
+        local = placement.local_experts
         return value[local.start : local.stop]
     if isinstance(param, DTensor):
         return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
@@ -66,7 +67,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Collective over the EP groups and the FSDP mesh: every rank must call it. Keys and shapes are the
     single-process model's.
     """
-    experts = {name: dispatcher for name, dispatcher in _expert_groups_by_param(model).values()}
+    experts = dict(_expert_groups_by_param(model).values())
     state = model.state_dict()
     for key, value in state.items():
         if isinstance(value, DTensor):
@@ -81,7 +82,7 @@ def shard_state_dict(model: nn.Module, full_state: dict[str, torch.Tensor]) -> d
 
     Collective when the model has FSDP2 parameters (``distribute_tensor`` scatters from rank 0).
     """
-    experts = {name: dispatcher for name, dispatcher in _expert_groups_by_param(model).values()}
+    experts = dict(_expert_groups_by_param(model).values())
     current = model.state_dict()
     state = dict(full_state)
     for key, value in full_state.items():
@@ -109,8 +110,8 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     full = {}
     for index in sorted(state["state"]):
         param = params[index]
-        dispatcher = experts.get(id(param), (None, None))[1]
-        full[index] = {k: _to_full(v, param, dispatcher) for k, v in state["state"][index].items()}
+        placement = experts.get(id(param), (None, None))[1]
+        full[index] = {k: _to_full(v, param, placement) for k, v in state["state"][index].items()}
     return {"state": full, "param_groups": state["param_groups"]}
 
 
@@ -123,6 +124,6 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
         if index >= len(params):
             raise ValueError(f"optimizer state has parameter index {index}; this optimizer has {len(params)}")
         param = params[index]
-        name, dispatcher = experts.get(id(param), (f"parameter {index}", None))
-        local[index] = {k: _to_local(v, param, dispatcher, name) for k, v in full_state["state"][index].items()}
+        name, placement = experts.get(id(param), (f"parameter {index}", None))
+        local[index] = {k: _to_local(v, param, placement, name) for k, v in full_state["state"][index].items()}
     optimizer.load_state_dict({"state": local, "param_groups": full_state["param_groups"]})

@@ -6,18 +6,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.dispatch.expert_parallel import ExpertParallelDispatcher
-from moe.dispatch.local import LocalDispatcher
+from moe.dispatch import DISPATCHERS, build_dispatcher
 from moe.experts import ExpertMLP
 from moe.layer import MoELayer, moe_layers
 
 
 def expert_parallel_layer(
-    hidden_size: int, ffn_hidden_size: int, num_experts: int, router="topk", *, ep_group: dist.ProcessGroup, **kwargs
+    hidden_size: int,
+    ffn_hidden_size: int,
+    num_experts: int,
+    router="topk",
+    *,
+    ep_group: dist.ProcessGroup,
+    dispatcher: str = "expert_parallel",
+    **kwargs,
 ) -> MoELayer:
     """An ``MoELayer`` holding only this EP rank's ``num_experts / ep_size`` experts.
 
-    Takes the same arguments as ``MoELayer``. The router and shared experts are replicated: seed every
+    Takes the same arguments as ``MoELayer``; ``dispatcher`` names the registered dispatcher built with
+    ``ep_group`` (``moe.dispatch.DISPATCHERS``). The router and shared experts are replicated: seed every
     rank the same before building it (or use ``to_expert_parallel`` on an identically built full model).
     """
     return MoELayer(
@@ -25,7 +32,7 @@ def expert_parallel_layer(
         ffn_hidden_size,
         num_experts,
         router,
-        dispatcher=ExpertParallelDispatcher(ep_group, num_experts),
+        dispatcher=build_dispatcher(dispatcher, num_experts, ep_group=ep_group),
         **kwargs,
     )
 
@@ -47,30 +54,32 @@ def shard_experts(experts: ExpertMLP, ep_rank: int, ep_size: int) -> ExpertMLP:
     return shard
 
 
-def to_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup) -> nn.Module:
+def to_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, dispatcher: str = "expert_parallel") -> nn.Module:
     """Make every ``MoELayer`` of ``model`` expert-parallel over ``ep_group``, in place; returns ``model``.
 
-    Each layer keeps its router and shared experts and keeps only this rank's slice of the experts, so
-    a model built identically on every rank (same seed) behaves exactly like the single-process model
-    on each rank's tokens. Cost: the full experts exist on each rank until this call frees them.
+    Each layer's "local" dispatcher is replaced by the registered dispatcher ``dispatcher`` built with
+    ``ep_group``; the layer keeps its router and shared experts and only the slice of the experts its
+    placement names, so a model built identically on every rank (same seed) behaves exactly like the
+    single-process model on each rank's tokens. Cost: the full experts exist on each rank until this call
+    frees them.
     """
-    ep_size, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    local_class = DISPATCHERS["local"]
     for name, layer in moe_layers(model):
-        if type(layer.dispatcher) is not LocalDispatcher:
+        if type(layer.dispatcher) is not local_class:
             raise TypeError(
                 f"MoE layer '{name}' uses {type(layer.dispatcher).__name__}; to_expert_parallel replaces a "
-                "LocalDispatcher (build the layer without kernels=True or a custom dispatcher)"
+                f"{local_class.__name__} (build the layer with dispatcher='local')"
             )
         if layer.experts.num_experts != layer.num_experts:
             raise ValueError(f"MoE layer '{name}' holds {layer.experts.num_experts} of {layer.num_experts} experts")
-        layer.dispatcher = ExpertParallelDispatcher(ep_group, layer.num_experts)
-        layer.experts = shard_experts(layer.experts, ep_rank, ep_size)
+        layer.dispatcher = build_dispatcher(dispatcher, layer.num_experts, ep_group=ep_group)
+        layer.experts = shard_experts(layer.experts, layer.placement.ep_rank, layer.placement.ep_size)
     return model
 
 
 def expert_parallel_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    """(name, layer) for every MoE layer whose experts are sharded over an EP group."""
-    return [(n, m) for n, m in moe_layers(model) if isinstance(m.dispatcher, ExpertParallelDispatcher)]
+    """(name, layer) for every MoE layer whose experts are placed over an EP group."""
+    return [(n, m) for n, m in moe_layers(model) if m.placement.ep_group is not None]
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:

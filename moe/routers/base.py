@@ -45,6 +45,10 @@ class Router(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this linear in bf16
             logits = torch.nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
+        return self.check_finite(logits)
+
+    def check_finite(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits``, after raising if any is NaN or inf (device-side assert on CUDA, no host sync)."""
         finite = torch.isfinite(logits).all()
         message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
         if logits.is_cuda:

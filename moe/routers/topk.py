@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from moe.kernel_support import HAVE_TRITON, kernels_usable
 from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
 from moe.routers.base import Router, all_reduce_if_distributed
 from moe.routers.registry import register_router
@@ -49,6 +50,12 @@ class TopKRouter(Router):
             load-balancing loss (1e-2), the ST-MoE z-loss (1e-3) and the DeepSeek-V3 sequence-wise
             balance loss (0; V3 uses 1e-4 together with the bias). Sigmoid scores are normalised to
             sum to 1 per token inside the balance losses. The counts are taken before capacity drops.
+
+    Attribute ``triton_topk`` (default False; ``MoELayer(dispatcher="triton")`` sets it): select with the
+    fused Triton kernel ``moe.kernels.topk_route`` (scores, top-k, normalisation and counts in one pass)
+    where it can run: triton installed, the input on CUDA or ``TRITON_INTERPRET=1``, dropless and without
+    groups. It also takes bf16/fp16 logits on CUDA from one half-precision GEMM accumulating in float32.
+    Same outputs, parameters and state dict either way; the aux losses use the same formulas.
 
     Cost: one (T, H) x (H, E) GEMM plus O(T * E) elementwise work and a sort of T * k pairs. No host
     sync when dropless; with a capacity factor the kept pairs are selected by a boolean mask, whose
@@ -118,6 +125,7 @@ class TopKRouter(Router):
         self.load_balancing_coef = load_balancing_coef
         self.z_loss_coef = z_loss_coef
         self.sequence_balance_coef = sequence_balance_coef
+        self.triton_topk = False
         if bias_update_rate is not None:
             check_positive_float("bias_update_rate", bias_update_rate)
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -142,25 +150,46 @@ class TopKRouter(Router):
             selection = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view_as(selection)
         return selection.topk(self.top_k, dim=-1).indices
 
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``Router.compute_logits``; with ``triton_topk`` on CUDA and x and the gate both bf16 (or fp16), one
+        half-precision GEMM with float32 accumulation and output (same maths, no float32 copy of x)."""
+        weight = self.gate.weight
+        half = x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+        if self.triton_topk and HAVE_TRITON and x.is_cuda and half:
+            from moe.kernels import half_gate_logits
+
+            return self.check_finite(half_gate_logits(x, weight))
+        return super().compute_logits(x)
+
+    def uses_triton_selection(self, x: torch.Tensor) -> bool:
+        """True when this forward on ``x`` selects with the Triton kernel (see ``triton_topk``)."""
+        return self.triton_topk and self.capacity_factor is None and self.num_groups is None and kernels_usable(x)
+
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
         """Top-k pairs grouped by expert, with capacity drops and the weighted aux losses."""
+        triton = self.uses_triton_selection(x)
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         logits = self.compute_logits(x)
         num_tokens = logits.shape[0]
         scores = logits.softmax(-1) if self.score_function == "softmax" else logits.sigmoid()
 
-        chosen = self._select(scores.detach())
-        weights = scores.gather(1, chosen)
-        if self.normalize_weights:
-            weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights * self.route_scale
+        if triton:
+            weights, chosen, counts = self._triton_select(logits)
+        else:
+            chosen = self._select(scores.detach())
+            weights = scores.gather(1, chosen)
+            if self.normalize_weights:
+                weights = weights / weights.sum(-1, keepdim=True)
+            weights = weights * self.route_scale
+            counts = count_per_expert(chosen.flatten(), self.num_experts)
 
-        counts = count_per_expert(chosen.flatten(), self.num_experts)
         if self.training and self.bias_update_rate is not None:
             self.step_load += counts
         aux_loss = self._aux_loss(logits, scores, chosen, counts, seq_len or num_tokens)
 
+        if triton:
+            return self._group_topk_pairs(chosen, weights, counts, logits, aux_loss)
         token_index = torch.arange(num_tokens, device=x.device).repeat_interleave(self.top_k)
         expert_index, weight = chosen.flatten(), weights.flatten()
         capacity = self.capacity(num_tokens)
@@ -168,6 +197,31 @@ class TopKRouter(Router):
             return group_by_expert(token_index, expert_index, weight, logits, aux_loss)
         priority = scores.detach().gather(1, chosen).flatten()
         return self._apply_capacity(token_index, expert_index, weight, priority, logits, aux_loss, capacity)
+
+    def _triton_select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights (T, k), experts (T, k) int64, counts (E,) int64) from ``moe.kernels.topk_route``."""
+        from moe.kernels import topk_route
+
+        bias = self.expert_bias if self.bias_update_rate is not None else None
+        weights, chosen, counts = topk_route(
+            logits, self.top_k, self.score_function, self.normalize_weights, self.route_scale, bias
+        )
+        return weights, chosen.long(), counts.long()
+
+    def _group_topk_pairs(self, chosen, weights, counts, logits, aux_loss) -> Routing:
+        """The (T, k) choices as a Routing grouped by expert; ``counts`` are already known, and an int32 sort
+        key is faster on the GPU than ``group_by_expert``'s int64 one (same stable order)."""
+        flat_experts = chosen.flatten()
+        order = torch.argsort(flat_experts.to(torch.int32), stable=True)
+        return Routing(
+            token_index=order // self.top_k,
+            expert_index=flat_experts.index_select(0, order),
+            weight=weights.flatten().index_select(0, order),
+            tokens_per_expert=counts,
+            logits=logits,
+            aux_loss=aux_loss,
+            num_requested=order.numel(),
+        )
 
     def _apply_capacity(self, token_index, expert_index, weight, priority, logits, aux_loss, capacity) -> Routing:
         """Keep each expert's first ``capacity`` pairs by priority or position (pairs start in token order)."""
@@ -205,11 +259,18 @@ class TopKRouter(Router):
 
     def _apply(self, fn, recurse=True):
         # The balancing bias stays float32 under model.to(bf16): gamma = 1e-3 steps vanish in bf16 rounding.
+        # Only a dtype change is undone (from the float32 original, so no value is rounded); device moves
+        # and to_empty (whose source may be a meta tensor, which cannot be copied) keep fn's result.
         bias = self._buffers.get("expert_bias")
+        load = self._buffers.get("step_load")
         super()._apply(fn, recurse)
         if bias is not None:
             moved = self._buffers["expert_bias"]
-            self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+            if moved.dtype != torch.float32:
+                self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        if load is not None and load.is_meta and not self.step_load.is_meta:
+            # to_empty after meta init: nothing was counted yet, and step_load is not in the state dict.
+            self.step_load.zero_()
         return self
 
     @torch.no_grad()

@@ -237,7 +237,7 @@ class DeepSpeedPlan(ParallelPlan):
 
     def _experts_by_param(self, model: nn.Module) -> dict[int, object]:
         return {
-            id(p): layer.dispatcher for _, layer in expert_parallel_layers(model) for p in layer.experts.parameters()
+            id(p): layer.placement for _, layer in expert_parallel_layers(model) for p in layer.experts.parameters()
         }
 
     def _inner_state(self) -> dict:
@@ -274,8 +274,8 @@ class DeepSpeedPlan(ParallelPlan):
             entry = {"step": step.detach().clone()}
             for key in ADAM_STATE_KEYS:
                 value = safe_get_full_optimizer_state(param, key)
-                dispatcher = experts.get(id(param))
-                entry[key] = value if dispatcher is None else gather_expert_tensor(value, dispatcher.ep_group)
+                placement = experts.get(id(param))
+                entry[key] = value if placement is None else gather_expert_tensor(value, placement.ep_group)
             state[index] = entry
         return {"state": state, "param_groups": param_groups}
 
@@ -304,16 +304,16 @@ class DeepSpeedPlan(ParallelPlan):
         self._link_optimizer_state()
         experts = self._experts_by_param(model)
         for index, param in enumerate(params):
-            dispatcher = experts.get(id(param))
+            placement = experts.get(id(param))
             for key in ADAM_STATE_KEYS:
                 value = state["state"][index][key].to(param.device)
-                if dispatcher is not None:
-                    if value.shape[0] != dispatcher.num_experts:
+                if placement is not None:
+                    if value.shape[0] != placement.num_experts:
                         raise ValueError(
                             f"optimizer state {key} of parameter {index} has {value.shape[0]} experts, "
-                            f"the layer has {dispatcher.num_experts}"
+                            f"the layer has {placement.num_experts}"
                         )
-                    value = value[dispatcher.local_experts.start : dispatcher.local_experts.stop]
+                    value = value[placement.local_experts.start : placement.local_experts.stop]
                 if value.shape != param.shape:
                     raise ValueError(
                         f"optimizer state {key} of parameter {index} has shape {tuple(value.shape)}, "

@@ -99,7 +99,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
             router=cfg.router.name,
             router_kwargs=dict(cfg.router.kwargs),
             experts=cfg.experts.impl,
-            kernels=cfg.experts.kernels,
+            dispatcher="triton" if cfg.experts.kernels else "local",
             activation=m.activation,
             tie_embeddings=m.tie_embeddings,
             dropout=m.dropout,

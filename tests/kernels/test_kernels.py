@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 import torch
 
+import moe
 from moe.dispatch import LocalDispatcher
 from moe.dispatch.fused import FusedDispatcher
 from moe.layer import MoELayer
@@ -95,8 +96,8 @@ def test_fused_dispatcher_matches_local_forward_and_backward(pairs):
         grads = torch.autograd.grad((out * cotangent).sum(), (x, routing.weight))
         return out, grads
 
-    fused_out, fused_grads = run(FusedDispatcher())
-    ref_out, ref_grads = run(LocalDispatcher())
+    fused_out, fused_grads = run(FusedDispatcher(num_experts))
+    ref_out, ref_grads = run(LocalDispatcher(num_experts))
     torch.testing.assert_close(fused_out, ref_out)
     for got, want in zip(fused_grads, ref_grads):
         torch.testing.assert_close(got, want)
@@ -105,7 +106,7 @@ def test_fused_dispatcher_matches_local_forward_and_backward(pairs):
 def test_fused_dispatcher_is_bitwise_deterministic_and_casts():
     routing = _random_routing(10, 4, [3] * 10)
     x = torch.randn(10, 16, device=DEVICE, requires_grad=True)
-    dispatcher = FusedDispatcher(expert_dtype=torch.bfloat16)
+    dispatcher = FusedDispatcher(4, expert_dtype=torch.bfloat16)
     results = []
     for _ in range(2):
         d = dispatcher.permute(x, routing)
@@ -145,12 +146,13 @@ def test_topk_route_matches_torch(score_function, normalize, scale, bias):
 
 
 def test_fused_router_gives_the_same_routing_and_losses_as_topk_router():
-    k = _kernels()
     torch.manual_seed(1)
-    fused = k.FusedTopKRouter(16, 8, top_k=2, z_loss_coef=1e-3).to(DEVICE)
+    fused = TopKRouter(16, 8, top_k=2, z_loss_coef=1e-3).to(DEVICE)
+    fused.triton_topk = True
     plain = TopKRouter(16, 8, top_k=2, z_loss_coef=1e-3).to(DEVICE)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(30, 16, device=DEVICE)
+    assert fused.uses_triton_selection(x)
     a, b = fused(x), plain(x)
     for name in ("token_index", "expert_index", "tokens_per_expert"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -160,7 +162,7 @@ def test_fused_router_gives_the_same_routing_and_losses_as_topk_router():
 
 def test_layer_with_kernels_matches_plain_layer():
     torch.manual_seed(2)
-    fast = MoELayer(16, 32, 4, top_k=2, activation="gelu", kernels=True).to(DEVICE)
+    fast = MoELayer(16, 32, 4, top_k=2, activation="gelu", dispatcher="triton").to(DEVICE)
     slow = MoELayer(16, 32, 4, top_k=2, activation="gelu").to(DEVICE)
     slow.load_state_dict(fast.state_dict())
     assert isinstance(fast.dispatcher, FusedDispatcher)
@@ -177,14 +179,14 @@ def test_layer_with_kernels_matches_plain_layer():
 
 def test_kernels_switch_rejects_an_explicit_dispatcher():
     with pytest.raises(ValueError, match="kernels"):
-        MoELayer(16, 32, 4, top_k=2, kernels=True, dispatcher=LocalDispatcher())
+        MoELayer(16, 32, 4, top_k=2, kernels=True, dispatcher=LocalDispatcher(4))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_gpu_bf16_layer_agrees_and_never_syncs(activation):
     torch.manual_seed(3)
-    fast = MoELayer(256, 512, 16, top_k=4, activation=activation, kernels=True).cuda().bfloat16()
+    fast = MoELayer(256, 512, 16, top_k=4, activation=activation, dispatcher="triton").cuda().bfloat16()
     slow = MoELayer(256, 512, 16, top_k=4, activation=activation).cuda().bfloat16()
     slow.load_state_dict(fast.state_dict())
     x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
@@ -208,7 +210,7 @@ def test_gpu_bf16_layer_agrees_and_never_syncs(activation):
 
 @pytest.mark.gpu
 def test_gpu_layer_with_kernels_captures_in_a_cuda_graph():
-    layer = MoELayer(128, 256, 8, top_k=2, activation="gelu", kernels=True).cuda().bfloat16()
+    layer = MoELayer(128, 256, 8, top_k=2, activation="gelu", dispatcher="triton").cuda().bfloat16()
     x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -228,7 +230,7 @@ def test_gpu_layer_with_kernels_captures_in_a_cuda_graph():
 @pytest.mark.gpu
 def test_gpu_layer_with_kernels_under_torch_compile():
     torch.manual_seed(4)
-    layer = MoELayer(128, 256, 8, top_k=2, activation="gelu", kernels=True).cuda().bfloat16()
+    layer = MoELayer(128, 256, 8, top_k=2, activation="gelu", dispatcher="triton").cuda().bfloat16()
     x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     compiled = torch.compile(layer)
     out = compiled(x)
@@ -241,8 +243,8 @@ def test_gpu_layer_with_kernels_under_torch_compile():
 
 @pytest.mark.gpu
 def test_gpu_half_gate_logits_match_float32_logits():
-    k = _kernels()
-    fused = k.FusedTopKRouter(512, 64, top_k=6).cuda().bfloat16()
+    fused = TopKRouter(512, 64, top_k=6).cuda().bfloat16()
+    fused.triton_topk = True
     plain = TopKRouter(512, 64, top_k=6).cuda().bfloat16()
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -262,19 +264,19 @@ def test_fused_dispatcher_falls_back_to_torch_where_kernels_cannot_run(monkeypat
     monkeypatch.setattr(fused_module, "kernels_usable", lambda x: False)
     routing = _random_routing(7, 3, [1, 2, 0, 3, 1, 2, 2])
     x = torch.randn(7, 8, device=DEVICE)
-    dispatcher = FusedDispatcher(expert_dtype=torch.bfloat16)
+    dispatcher = FusedDispatcher(3, expert_dtype=torch.bfloat16)
     d = dispatcher.permute(x, routing)
     assert d.rows.dtype == torch.bfloat16
     torch.testing.assert_close(d.rows, x[routing.token_index].bfloat16())
     out = dispatcher.combine(d.rows.float(), d, routing)
-    ref = LocalDispatcher().combine(x[routing.token_index].bfloat16().float(), d, routing)
+    ref = LocalDispatcher(3).combine(x[routing.token_index].bfloat16().float(), d, routing)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref)
 
 
 def test_fused_router_with_capacity_uses_the_parent_path():
-    k = _kernels()
-    fused = k.FusedTopKRouter(16, 4, top_k=2, capacity_factor=0.5).to(DEVICE)
+    fused = TopKRouter(16, 4, top_k=2, capacity_factor=0.5).to(DEVICE)
+    fused.triton_topk = True
     plain = TopKRouter(16, 4, top_k=2, capacity_factor=0.5).to(DEVICE)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(20, 16, device=DEVICE)
@@ -290,4 +292,19 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="top_k"):
         k.topk_route(torch.randn(4, 3, device=DEVICE), 4)
     with pytest.raises(TypeError, match="expert_dtype"):
-        FusedDispatcher(expert_dtype="bf16")
+        FusedDispatcher(4, expert_dtype="bf16")
+
+
+def test_triton_topk_with_bias_update_matches_the_torch_path():
+    torch.manual_seed(5)
+    fast = MoELayer(16, 32, 4, top_k=2, bias_update_rate=1e-2, dispatcher="triton").to(DEVICE).train()
+    slow = MoELayer(16, 32, 4, top_k=2, bias_update_rate=1e-2).to(DEVICE).train()
+    slow.load_state_dict(fast.state_dict())
+    for _ in range(3):
+        x = torch.randn(24, 16, device=DEVICE)
+        assert fast.router.uses_triton_selection(x) and not slow.router.uses_triton_selection(x)
+        for layer in (fast, slow):
+            layer(x)
+            moe.update_routers(layer)
+        assert torch.equal(fast.router.expert_bias, slow.router.expert_bias)
+    assert fast.router.expert_bias.abs().sum() > 0

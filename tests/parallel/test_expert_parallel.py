@@ -97,7 +97,7 @@ def _check_router(name: str, router_kwargs: dict, layer_kwargs: dict, groups, wo
         x.grad, ref_x_grad * world_size, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} input grad: {m}"
     )
     expert_names = set(expert_parameter_names(ep_layer))
-    local = ep_layer.dispatcher.local_experts
+    local = ep_layer.placement.local_experts
     full_params = dict(full.named_parameters())
     for pname, param in ep_layer.named_parameters():
         ref_grad = full_params[pname].grad

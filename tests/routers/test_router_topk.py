@@ -303,3 +303,23 @@ def test_balancing_bias_and_counts_survive_a_bf16_model():
 def test_loss_coefficients_must_be_finite_and_nonnegative(coef):
     with pytest.raises(ValueError, match="load_balancing_coef must be a finite number >= 0"):
         TopKRouter(8, 4, 2, load_balancing_coef=coef)
+
+
+def test_meta_initialised_layer_with_bias_materialises_with_to_empty():
+    reference = moe.MoELayer(8, 16, 4, top_k=2, bias_update_rate=1e-3)
+    with torch.no_grad():
+        reference.router.expert_bias.copy_(torch.tensor([1.001, -0.003, 0.0007, 2.0001]))  # not bf16-exact
+    with torch.device("meta"):
+        layer = moe.MoELayer(8, 16, 4, top_k=2, bias_update_rate=1e-3)
+    layer.to_empty(device="cpu")
+    assert layer.router.expert_bias.device.type == "cpu"
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(layer(x), reference(x))
+    for model in (layer, reference):  # one training step: the materialised step counts must start at 0
+        model.train()(x)
+        moe.update_routers(model)
+    assert torch.equal(layer.router.expert_bias, reference.router.expert_bias)
+    layer.to(torch.bfloat16)
+    assert layer.router.expert_bias.dtype == torch.float32
+    assert torch.equal(layer.router.expert_bias, reference.router.expert_bias)
