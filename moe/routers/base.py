@@ -40,7 +40,7 @@ class Router(nn.Module):
             logits = torch.nn.functional.linear(x.to(dtype), self.gate.weight.to(dtype))
         finite = torch.isfinite(logits).all()
         message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
-        if logits.is_cuda:
+        if logits.is_cuda or torch.compiler.is_compiling():  # no host sync (and no graph break) there
             torch._assert_async(finite, message)
         elif not bool(finite):
             raise NonFiniteLogitsError(message)
