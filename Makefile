@@ -3,7 +3,7 @@ PYTHON ?= python3
 # A CPU build of torch is installed only when no torch is present; an existing (CUDA) torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup setup-test train test lint
+.PHONY: setup setup-test train test lint gpu-test
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -23,3 +23,8 @@ test: setup-test
 lint: setup-test
 	$(PYTHON) -m ruff check moe kernels tests
 	$(PYTHON) -m ruff format --check moe kernels tests
+
+# The GPU check (needs CUDA; run `make setup-test` once first): the whole suite with CUDA plus a benchmark smoke run.
+GPU_CHECK_OUT ?= gpu-check-$(shell date +%Y%m%d-%H%M%S)
+gpu-test:
+	$(PYTHON) -m moe.bench.gpu_check --out $(GPU_CHECK_OUT)

@@ -7,6 +7,10 @@ each token gathers its own rows in a fixed order instead of scatter-adding with 
   sums each token's row gradients.
 - combine: forward sums ``weight * y`` over each token's rows; backward copies the token gradient to each
   of its rows (times the weight) and takes one dot product per row for the weight gradient.
+
+Both are PyTorch custom operators (``moe::permute_rows``, ``moe::combine_rows``) with fake implementations and
+registered backwards, so ``torch.compile`` traces them without a graph break, with dynamic token counts.
+``token_index`` is taken for the callers' convenience; its length equals ``rows_by_token``'s.
 """
 
 from __future__ import annotations
@@ -30,41 +34,60 @@ def token_major_index(token_index: torch.Tensor, num_tokens: int) -> tuple[torch
     return rows_by_token, token_ptr
 
 
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, token_index, rows_by_token, token_ptr, out_dtype):
-        ctx.save_for_backward(rows_by_token, token_ptr)
-        ctx.x_dtype = x.dtype
-        rows, _ = scatter_rows(x, rows_by_token, token_ptr, token_index.numel(), out_dtype=out_dtype)
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        rows_by_token, token_ptr = ctx.saved_tensors
-        grad_x = segment_sum(grad_rows, rows_by_token, token_ptr, out_dtype=ctx.x_dtype)
-        return grad_x, None, None, None, None
+@torch.library.custom_op("moe::permute_rows", mutates_args=())
+def _permute_op(
+    x: torch.Tensor, rows_by_token: torch.Tensor, token_ptr: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    rows, _ = scatter_rows(x, rows_by_token, token_ptr, rows_by_token.shape[0], out_dtype=out_dtype)
+    return rows
 
 
-class _Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, weight, token_index, rows_by_token, token_ptr, out_dtype):
-        ctx.save_for_backward(y, weight, rows_by_token, token_ptr)
-        return segment_sum(y, rows_by_token, token_ptr, weight=weight, out_dtype=out_dtype)
+@_permute_op.register_fake
+def _(x, rows_by_token, token_ptr, out_dtype):
+    return x.new_empty(rows_by_token.shape[0], x.shape[1], dtype=out_dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        y, weight, rows_by_token, token_ptr = ctx.saved_tensors
-        need_weight_grad = ctx.needs_input_grad[1]
-        grad_y, grad_weight = scatter_rows(
-            grad_out,
-            rows_by_token,
-            token_ptr,
-            y.shape[0],
-            scale=weight,
-            other=y if need_weight_grad else None,
-            out_dtype=y.dtype,
-        )
-        return grad_y, grad_weight, None, None, None, None
+
+def _permute_setup(ctx, inputs, output):
+    x, rows_by_token, token_ptr, _ = inputs
+    ctx.save_for_backward(rows_by_token, token_ptr)
+    ctx.x_dtype = x.dtype
+
+
+def _permute_backward(ctx, grad_rows):
+    rows_by_token, token_ptr = ctx.saved_tensors
+    return segment_sum(grad_rows, rows_by_token, token_ptr, out_dtype=ctx.x_dtype), None, None, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@torch.library.custom_op("moe::combine_rows", mutates_args=())
+def _combine_op(
+    y: torch.Tensor, weight: torch.Tensor, rows_by_token: torch.Tensor, token_ptr: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    return segment_sum(y, rows_by_token, token_ptr, weight=weight, out_dtype=out_dtype)
+
+
+@_combine_op.register_fake
+def _(y, weight, rows_by_token, token_ptr, out_dtype):
+    return y.new_empty(token_ptr.shape[0] - 1, y.shape[1], dtype=out_dtype)
+
+
+def _combine_setup(ctx, inputs, output):
+    y, weight, rows_by_token, token_ptr, _ = inputs
+    ctx.save_for_backward(y, weight, rows_by_token, token_ptr)
+
+
+def _combine_backward(ctx, grad_out):
+    y, weight, rows_by_token, token_ptr = ctx.saved_tensors
+    other = y if ctx.needs_input_grad[1] else None
+    grad_y, grad_weight = scatter_rows(
+        grad_out, rows_by_token, token_ptr, y.shape[0], scale=weight, other=other, out_dtype=y.dtype
+    )
+    return grad_y, grad_weight, None, None, None
+
+
+_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
 def permute_rows(
@@ -75,7 +98,7 @@ def permute_rows(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(N, H) rows ``x[token_index]`` in ``out_dtype`` (default x's); differentiable in x, deterministically."""
-    return _Permute.apply(x, token_index, rows_by_token, token_ptr, out_dtype or x.dtype)
+    return _permute_op(x, rows_by_token, token_ptr, out_dtype or x.dtype)
 
 
 def combine_rows(
@@ -87,4 +110,4 @@ def combine_rows(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(T, H): each token's float32 sum of ``weight[r] * y[r]`` over its rows r; differentiable in y and weight."""
-    return _Combine.apply(y, weight, token_index, rows_by_token, token_ptr, out_dtype or y.dtype)
+    return _combine_op(y, weight, rows_by_token, token_ptr, out_dtype or y.dtype)

@@ -97,7 +97,7 @@ def _segment_sum_kernel(
     tl.store(out_ptr + token.to(tl.int64) * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def scatter_rows(
+def _scatter_rows_launch(
     src: torch.Tensor,
     rows: torch.Tensor,
     segment_ptr: torch.Tensor,
@@ -107,12 +107,7 @@ def scatter_rows(
     other: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Copy token rows out to their pairs: (N, W) with ``out[r] = scale[r] * src[t]`` for every
-    ``r = rows[p]``, ``p`` in ``[segment_ptr[t], segment_ptr[t+1])``, and row dots ``<src[t], other[r]>`` or None.
-
-    Reads each token row once (it stays in cache for its k copies); ``rows`` must list every row in
-    [0, num_rows) exactly once, so each output row has one writer.
-    """
+    """Eager launch of ``_scatter_rows_kernel`` (see ``scatter_rows``)."""
     if src.stride(-1) != 1:
         src = src.contiguous()
     width = src.shape[1]
@@ -143,7 +138,7 @@ def scatter_rows(
     return out, dot
 
 
-def segment_sum(
+def _segment_sum_launch(
     src: torch.Tensor,
     rows: torch.Tensor,
     segment_ptr: torch.Tensor,
@@ -151,9 +146,7 @@ def segment_sum(
     weight: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """(T, W): row t is the float32 sum over ``p`` in ``[segment_ptr[t], segment_ptr[t+1])`` of
-    ``weight[rows[p]] * src[rows[p]]``, in increasing ``p``; empty segments give 0.
-    """
+    """Eager launch of ``_segment_sum_kernel`` (see ``segment_sum``)."""
     if src.stride(-1) != 1:
         src = src.contiguous()
     num_tokens, width = segment_ptr.numel() - 1, src.shape[1]
@@ -175,3 +168,79 @@ def segment_sum(
         BLOCK_COLS=block_cols,
     )
     return out
+
+
+# PyTorch custom operators over the launchers: Dynamo and Inductor treat each as one opaque node with a known
+# output shape (the fake implementations below), so a compiled layer traces into one graph, also when the
+# token count is dynamic. The launchers above stay the eager implementation.
+
+
+@torch.library.custom_op("moe::scatter_rows", mutates_args=())
+def _scatter_rows_op(
+    src: torch.Tensor,
+    rows: torch.Tensor,
+    segment_ptr: torch.Tensor,
+    num_rows: int,
+    scale: torch.Tensor | None,
+    other: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, dot = _scatter_rows_launch(src, rows, segment_ptr, num_rows, scale=scale, other=other, out_dtype=out_dtype)
+    # A custom op returns tensors only: without ``other`` the dot output is an empty float32 tensor.
+    return out, dot if dot is not None else src.new_empty(0, dtype=torch.float32)
+
+
+@_scatter_rows_op.register_fake
+def _(src, rows, segment_ptr, num_rows, scale, other, out_dtype):
+    out = src.new_empty(num_rows, src.shape[1], dtype=out_dtype)
+    return out, src.new_empty(num_rows if other is not None else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("moe::segment_sum", mutates_args=())
+def _segment_sum_op(
+    src: torch.Tensor,
+    rows: torch.Tensor,
+    segment_ptr: torch.Tensor,
+    weight: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _segment_sum_launch(src, rows, segment_ptr, weight=weight, out_dtype=out_dtype)
+
+
+@_segment_sum_op.register_fake
+def _(src, rows, segment_ptr, weight, out_dtype):
+    return src.new_empty(segment_ptr.shape[0] - 1, src.shape[1], dtype=out_dtype)
+
+
+def scatter_rows(
+    src: torch.Tensor,
+    rows: torch.Tensor,
+    segment_ptr: torch.Tensor,
+    num_rows: int,
+    *,
+    scale: torch.Tensor | None = None,
+    other: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Copy token rows out to their pairs: (N, W) with ``out[r] = scale[r] * src[t]`` for every
+    ``r = rows[p]``, ``p`` in ``[segment_ptr[t], segment_ptr[t+1])``, and row dots ``<src[t], other[r]>`` or None.
+
+    Reads each token row once (it stays in cache for its k copies); ``rows`` must list every row in
+    [0, num_rows) exactly once, so each output row has one writer. Runs as the custom op ``moe::scatter_rows``.
+    """
+    out, dot = _scatter_rows_op(src, rows, segment_ptr, num_rows, scale, other, out_dtype or src.dtype)
+    return out, dot if other is not None else None
+
+
+def segment_sum(
+    src: torch.Tensor,
+    rows: torch.Tensor,
+    segment_ptr: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(T, W): row t is the float32 sum over ``p`` in ``[segment_ptr[t], segment_ptr[t+1])`` of
+    ``weight[rows[p]] * src[rows[p]]``, in increasing ``p``; empty segments give 0. Runs as ``moe::segment_sum``.
+    """
+    return _segment_sum_op(src, rows, segment_ptr, weight, out_dtype or src.dtype)

@@ -3,6 +3,8 @@
 One program handles a block of tokens with all E logits in registers, so the (T, E) scores never go to
 memory. Per-expert counts are summed per block and added with integer atomics (exact, so deterministic).
 The backward recomputes the (T, E) scores in torch and applies the closed-form gradient (O(T * E)).
+Registered as the custom operator ``moe::topk_route`` (fake implementation and backward), so it compiles
+without a graph break.
 """
 
 from __future__ import annotations
@@ -78,56 +80,80 @@ def _scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
     return logits.softmax(-1) if score_function == "softmax" else logits.sigmoid()
 
 
-class _TopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, bias, top_k, score_function, normalize, route_scale):
-        num_tokens, num_experts = logits.shape
-        logits = logits.contiguous()
-        weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
-        index = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
-        counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
-        block_experts = next_power_of_2(num_experts)
-        block_tokens = max(1, min(64, 4096 // block_experts))
-        if num_tokens > 0:
-            _topk_kernel[(cdiv(num_tokens, block_tokens),)](
-                logits,
-                bias if bias is not None else logits,
-                weights,
-                index,
-                counts,
-                num_tokens,
-                num_experts,
-                float(route_scale),
-                K=top_k,
-                BLOCK_K=next_power_of_2(top_k),
-                SIGMOID=score_function == "sigmoid",
-                NORMALIZE=normalize,
-                HAS_BIAS=bias is not None,
-                BLOCK_TOKENS=block_tokens,
-                BLOCK_EXPERTS=block_experts,
-            )
-        ctx.save_for_backward(logits, index)
-        ctx.options = (score_function, normalize, route_scale)
-        ctx.mark_non_differentiable(index, counts)
-        return weights, index, counts
+@torch.library.custom_op("moe::topk_route", mutates_args=())
+def _topk_op(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    score_function: str,
+    normalize: bool,
+    route_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = logits.shape
+    logits = logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    index = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
+    block_experts = next_power_of_2(num_experts)
+    block_tokens = max(1, min(64, 4096 // block_experts))
+    if num_tokens > 0:
+        _topk_kernel[(cdiv(num_tokens, block_tokens),)](
+            logits,
+            bias if bias is not None else logits,
+            weights,
+            index,
+            counts,
+            num_tokens,
+            num_experts,
+            float(route_scale),
+            K=top_k,
+            BLOCK_K=next_power_of_2(top_k),
+            SIGMOID=score_function == "sigmoid",
+            NORMALIZE=normalize,
+            HAS_BIAS=bias is not None,
+            BLOCK_TOKENS=block_tokens,
+            BLOCK_EXPERTS=block_experts,
+        )
+    return weights, index, counts
 
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_index, _grad_counts):
-        logits, index = ctx.saved_tensors
-        score_function, normalize, route_scale = ctx.options
-        index = index.long()
-        scores = _scores(logits, score_function)
-        chosen = scores.gather(1, index)
-        grad_chosen = grad_weights.to(scores.dtype) * route_scale  # bf16 under autocast
-        if normalize:  # w_j = v_j / S: dL/dv_j = (g_j - sum_l g_l v_l / S) / S
-            total = chosen.sum(-1, keepdim=True)
-            grad_chosen = (grad_chosen - (grad_chosen * chosen).sum(-1, keepdim=True) / total) / total
-        grad_scores = torch.zeros_like(scores).scatter_(1, index, grad_chosen)  # k distinct experts per row
-        if score_function == "softmax":
-            grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
-        else:
-            grad_logits = grad_scores * scores * (1.0 - scores)
-        return grad_logits, None, None, None, None, None
+
+@_topk_op.register_fake
+def _(logits, bias, top_k, score_function, normalize, route_scale):
+    num_tokens, num_experts = logits.shape
+    weights = logits.new_empty(num_tokens, top_k, dtype=torch.float32)
+    return (
+        weights,
+        logits.new_empty(num_tokens, top_k, dtype=torch.int32),
+        logits.new_empty(num_experts, dtype=torch.int32),
+    )
+
+
+def _topk_setup(ctx, inputs, output):
+    logits, _, _, score_function, normalize, route_scale = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.options = (score_function, normalize, route_scale)
+
+
+def _topk_backward(ctx, grad_weights, _grad_index, _grad_counts):
+    """Closed-form gradient of the chosen (renormalised, scaled) scores with respect to the logits."""
+    logits, index = ctx.saved_tensors
+    score_function, normalize, route_scale = ctx.options
+    index = index.long()
+    scores = _scores(logits, score_function)
+    chosen = scores.gather(1, index)
+    grad_chosen = grad_weights.to(scores.dtype) * route_scale  # bf16 under autocast
+    if normalize:  # w_j = v_j / S: dL/dv_j = (g_j - sum_l g_l v_l / S) / S
+        total = chosen.sum(-1, keepdim=True)
+        grad_chosen = (grad_chosen - (grad_chosen * chosen).sum(-1, keepdim=True) / total) / total
+    grad_scores = torch.zeros_like(scores).scatter_(1, index, grad_chosen)  # k distinct experts per row
+    if score_function == "softmax":
+        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
+    else:
+        grad_logits = grad_scores * scores * (1.0 - scores)
+    return grad_logits, None, None, None, None, None
+
+
+_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 def topk_route(
@@ -150,4 +176,4 @@ def topk_route(
         raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
     if not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"top_k must be in [1, num_experts={logits.shape[1]}], got {top_k}")
-    return _TopK.apply(logits, bias, top_k, score_function, normalize, route_scale)
+    return _topk_op(logits, bias, top_k, score_function, bool(normalize), float(route_scale))

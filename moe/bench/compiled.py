@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
     flops = expert_flops(shape["tokens"], shape["top_k"], shape["hidden"], shape["ffn"], args.activation)
-    x = torch.randn(shape["tokens"], shape["hidden"], device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(shape["tokens"], shape["hidden"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     for variant in ("kernels", "torch"):
         layer = _layer(shape, args.activation, variant)

@@ -108,6 +108,7 @@ def bench_all_to_all(sizes_mib: list[float], device, dtype, warmup: int, repeats
 
 def _layer_step(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor):
     def step():
+        x.grad = None  # x requires grad, as a layer input inside a model does
         for p in layer.parameters():
             p.grad = None
         layer(x).backward(grad)
@@ -126,7 +127,7 @@ def bench_layer(
         kwargs["dispatcher"] = ExpertParallelDispatcher(groups.ep_group, shape["experts"])
     layer = MoELayer(shape["hidden"], shape["ffn"], shape["experts"], **kwargs).to(device, dtype).train()
     generator = torch.Generator(device=device).manual_seed(1 + dist.get_rank())
-    x = torch.randn(shape["tokens"], shape["hidden"], device=device, dtype=dtype, generator=generator)
+    x = torch.randn(shape["tokens"], shape["hidden"], device=device, dtype=dtype, generator=generator).requires_grad_()
     grad = torch.randn(x.shape, device=device, dtype=dtype, generator=generator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

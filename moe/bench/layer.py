@@ -1,5 +1,6 @@
-"""MoE layer throughput on one CUDA GPU: our layer with and without kernels, a per-expert loop, peers, and the
-grouped GEMM alone, for the shapes of issue 5; plus a per-stage breakdown (router, permute, experts, combine).
+"""MoE layer throughput on one CUDA GPU: ours with and without kernels, a loop, peers and the grouped GEMM alone.
+
+For each shape (``SHAPES``) it also gives a per-stage breakdown (router, permute, experts, combine).
 
 Usage::
 
@@ -7,7 +8,9 @@ Usage::
 
 Prints one table (TFLOP/s counts expert-MLP FLOPs only; forward + backward = 3x forward) and writes every
 number with the device, versions, date and command to ``--out``. Timings are the median of ``--repeats``
-CUDA-event-timed calls after warm-up, on random bf16 data with a freshly initialised router.
+CUDA-event-timed calls after warm-up, on random bf16 data with a freshly initialised router. The input
+requires grad in every variant, as inside a model: the backward then runs the input-gradient GEMM of each
+expert matmul, which the 3x-forward FLOP count assumes.
 """
 
 from __future__ import annotations
@@ -77,14 +80,15 @@ def _layer(shape: dict, activation: str, variant: str, router: str = "topk", x: 
     return layer
 
 
-def _clear_grads(module: torch.nn.Module) -> None:
-    for p in module.parameters():
+def _clear_grads(module: torch.nn.Module | None, x: torch.Tensor) -> None:
+    x.grad = None
+    for p in module.parameters() if module is not None else ():
         p.grad = None
 
 
-def _measure(step, module, repeats: int) -> dict:
+def _measure(step, module, x: torch.Tensor, repeats: int) -> dict:
     def call():
-        _clear_grads(module)
+        _clear_grads(module, x)
         step()
 
     ms = time_cuda(call, repeats=repeats)
@@ -129,7 +133,7 @@ def _stages(layer: MoELayer, x: torch.Tensor, repeats: int) -> dict:
     weighted = dataclasses.replace(routing, weight=routing.weight.detach().clone().requires_grad_())
 
     def router():
-        _clear_grads(layer.router)
+        _clear_grads(layer.router, x_leaf)
         r = layer.router(x_leaf)
         (r.weight.sum() + r.aux_loss).backward()
 
@@ -138,8 +142,7 @@ def _stages(layer: MoELayer, x: torch.Tensor, repeats: int) -> dict:
         layer.dispatcher.permute(x_leaf, routing).rows.backward(g_rows)
 
     def experts():
-        rows_leaf.grad = None
-        _clear_grads(layer.experts)
+        _clear_grads(layer.experts, rows_leaf)
         layer.experts(rows_leaf, dispatched.tokens_per_expert).backward(g_rows)
 
     def combine():
@@ -164,6 +167,7 @@ def run_shape(name: str, activation: str, variants: list[str], repeats: int, log
     x = torch.randn(shape["tokens"], shape["hidden"], device=DEVICE, dtype=torch.bfloat16)
     if router == "relu":
         x[:, 0] = 1.0
+    x.requires_grad_()  # inside a model the layer's input always needs a gradient
     grad = torch.randn_like(x)
     results = []
     tokens_per_expert = None
@@ -177,10 +181,11 @@ def run_shape(name: str, activation: str, variants: list[str], repeats: int, log
                 module, peer_step = PEERS[variant](
                     shape["hidden"], shape["ffn"], shape["experts"], shape["top_k"], torch.bfloat16
                 )
-                row.update(_measure(lambda step=peer_step: step(x, grad), module, repeats))
+                row.update(_measure(lambda step=peer_step: step(x, grad), module, x, repeats))
             elif variant == "grouped_mm":
                 if tokens_per_expert is None:
-                    tokens_per_expert = _layer(shape, activation, "torch", router, x).router(x).tokens_per_expert
+                    with torch.no_grad():
+                        tokens_per_expert = _layer(shape, activation, "torch", router, x).router(x).tokens_per_expert
                 row.update(_grouped_mm_ceiling(shape, activation, tokens_per_expert, repeats))
                 module = None
             else:
@@ -190,7 +195,7 @@ def run_shape(name: str, activation: str, variants: list[str], repeats: int, log
                 assignments = int(tokens_per_expert.sum())
                 row["assignments"] = assignments
                 flops = expert_flops(assignments, 1, shape["hidden"], shape["ffn"], activation)
-                row.update(_measure(lambda layer=module: layer(x).backward(grad), module, repeats))
+                row.update(_measure(lambda layer=module: layer(x).backward(grad), module, x, repeats))
                 if variant in ("kernels", "torch"):
                     row["stages_ms"] = _stages(module, x, repeats)
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12

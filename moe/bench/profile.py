@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
     layer = _layer(shape, args.activation, "kernels" if args.kernels else "torch")
-    x = torch.randn(shape["tokens"], shape["hidden"], device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(shape["tokens"], shape["hidden"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     for _ in range(3):
         layer(x).backward(grad)

@@ -51,7 +51,7 @@ class Router(nn.Module):
         """``logits``, after raising if any is NaN or inf (device-side assert on CUDA, no host sync)."""
         finite = torch.isfinite(logits).all()
         message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
-        if logits.is_cuda:
+        if logits.is_cuda or torch.compiler.is_compiling():  # no host sync (and no graph break) there
             torch._assert_async(finite, message)
         elif not bool(finite):
             raise NonFiniteLogitsError(message)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moe.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from moe.train.config import TrainConfig, register_configs, validate
-from moe.train.trainer import NonFiniteLossError, train
+from moe.train.trainer import DeviceChoiceError, NonFiniteLossError, train
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -28,6 +28,8 @@ def _run(cfg) -> None:
         raise SystemExit(f"moe-train: invalid config: {error}") from None
     try:
         train(checked, HydraConfig.get().runtime.output_dir)
+    except DeviceChoiceError as error:
+        raise SystemExit(f"moe-train: invalid config: {error}") from None
     except (NonFiniteLossError, CheckpointMismatchError, CorruptCheckpointError) as error:
         raise SystemExit(f"moe-train: {type(error).__name__}: {error}") from None
 

@@ -40,6 +40,10 @@ from moe.train.logging import RunLogger, plot_expert_load, read_metrics
 from moe.train.parallel import ParallelPlan, export_submitit_env, make_plan
 
 
+class DeviceChoiceError(ValueError):
+    """``trainer.device`` cannot be met on this machine (no GPU, or fewer GPUs than local processes)."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the run stopped before applying it."""
 
@@ -62,12 +66,30 @@ class DistContext:
         return self.world_size > 1
 
 
+def use_cuda_for(device_choice: str, local_processes: int, num_gpus: int) -> bool:
+    """Whether this node's processes train on CUDA: each needs a GPU of its own.
+
+    ``auto`` takes CUDA only when every local process gets one (else the CPU); ``cuda`` without enough GPUs
+    is refused with both counts, since two processes sharing a GPU under NCCL fail or hang.
+    """
+    if device_choice == "cpu":
+        return False
+    if device_choice == "auto":
+        return 0 < local_processes <= num_gpus
+    if num_gpus == 0:
+        raise DeviceChoiceError("trainer.device='cuda' but no CUDA device is available; valid here: auto, cpu")
+    if local_processes > num_gpus:
+        raise DeviceChoiceError(
+            f"trainer.device='cuda' needs one GPU per process: {local_processes} local processes but {num_gpus} "
+            "GPU(s) on this node; start fewer processes (torchrun --nproc_per_node) or use trainer.device=cpu"
+        )
+    return True
+
+
 def setup_distributed(device_choice: str) -> DistContext:
     """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group (NCCL on GPU, gloo on CPU)."""
     export_submitit_env()
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device='cuda' but no CUDA device is available; valid here: auto, cpu")
+    use_cuda = use_cuda_for(device_choice, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

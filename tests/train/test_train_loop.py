@@ -50,6 +50,7 @@ def tiny(corpus: Path, tmp_path: Path, **sections):
             "ckpt_interval": 2,
             "threads": 1,
             "export_safetensors": False,
+            "device": "cpu",  # chosen, not inherited from device=auto: the hand-written references run on the CPU
         },
         "optim": {"warmup_steps": 2},
         "logger": {"progress": "lines"},
@@ -257,3 +258,44 @@ def test_a_run_never_rotates_away_later_checkpoints_of_its_directory(corpus, tmp
         with pytest.raises(CheckpointMismatchError, match="already hold later steps"):
             train(tiny(corpus, tmp_path, trainer={"max_steps": 4, "resume": resume}), run)
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved
+
+
+@pytest.mark.parametrize(
+    "choice,local,gpus,expected",
+    [
+        ("auto", 1, 0, False),
+        ("auto", 1, 1, True),
+        ("auto", 2, 1, False),
+        ("auto", 2, 2, True),
+        ("cpu", 1, 4, False),
+        ("cuda", 2, 2, True),
+    ],
+)
+def test_device_auto_takes_cuda_only_when_every_local_process_gets_a_gpu(choice, local, gpus, expected):
+    from moe.train.trainer import use_cuda_for
+
+    assert use_cuda_for(choice, local, gpus) is expected
+
+
+def test_device_cuda_with_too_few_gpus_names_both_counts():
+    from moe.train.trainer import DeviceChoiceError, use_cuda_for
+
+    with pytest.raises(DeviceChoiceError, match=r"2 local processes but 1 GPU\(s\)"):
+        use_cuda_for("cuda", 2, 1)
+    with pytest.raises(DeviceChoiceError, match="no CUDA device is available"):
+        use_cuda_for("cuda", 1, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_training_runs_resumes_and_matches_a_continuous_run(corpus, tmp_path):
+    """The trainer's CUDA path (bf16 autocast): finite falling loss, and an interrupted run resumes exactly."""
+    optim = {"lr": 1e-3, "decay_steps": 6}  # one schedule for both runs
+    sections = {"trainer": {"device": "cuda", "max_steps": 6, "ckpt_interval": 3}, "optim": optim}
+    full = train(tiny(corpus, tmp_path, **sections), tmp_path / "full")
+    first = tiny(corpus, tmp_path, trainer={"device": "cuda", "max_steps": 3, "ckpt_interval": 3}, optim=optim)
+    train(first, tmp_path / "split")
+    resumed = train(tiny(corpus, tmp_path, **sections), tmp_path / "split")
+    assert math.isfinite(full["final_val_loss"])
+    assert resumed["steps"] == 6
+    # index_add's float atomics on CUDA make runs differ in the last bits: close, not bitwise.
+    torch.testing.assert_close(resumed["final_val_loss"], full["final_val_loss"], rtol=1e-3, atol=0)
