@@ -37,7 +37,7 @@ def run_variant(name: str, args, sampler: BatchSampler) -> dict:
     """Train ``args.warmup + args.steps`` steps of one variant; return its median step time and rates."""
     torch.manual_seed(0)
     kernels = name.startswith("kernels")
-    model = GPT(ModelConfig(**SMALL, kernels=kernels)).cuda()
+    model = GPT(ModelConfig(**SMALL, dispatcher="triton" if kernels else "local")).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     forward = torch.compile(model) if name.endswith("compile") else model
     times = []

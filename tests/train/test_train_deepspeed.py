@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe.train.config import TrainerSchema
-from moe.train.parallel import ParallelPlan
+from moe.train.strategies import STRATEGIES, DeepSpeedStrategy
 
 from train_runs import run_moe_train
 
@@ -104,18 +104,15 @@ def test_zero_stage_is_validated():
         TrainerSchema(zero_stage=3)
     with pytest.raises(TypeError, match="trainer.zero_stage=True is not valid"):
         TrainerSchema(zero_stage=True)
-    with pytest.raises(TypeError, match="DeepSpeedPlan"):
-        ParallelPlan("deepspeed", 1, 2, torch.device("cpu"))
+    assert STRATEGIES["deepspeed"] is DeepSpeedStrategy
 
 
 @needs_deepspeed
 def test_deepspeed_plan_rejects_bad_settings():
-    from moe.train.deepspeed_strategy import DeepSpeedPlan
-
     kwargs = {"micro_batch_size": 2, "grad_accum": 1, "grad_clip": 1.0}
     with pytest.raises(ValueError, match=r"trainer.zero_stage=3 is not valid; valid: \[1, 2\]"):
-        DeepSpeedPlan(1, 2, torch.device("cpu"), zero_stage=3, **kwargs)
+        DeepSpeedStrategy(1, 2, torch.device("cpu"), zero_stage=3, **kwargs)
     with pytest.raises(ValueError, match="needs at least 2 processes"):
-        DeepSpeedPlan(1, 1, torch.device("cpu"), zero_stage=1, **kwargs)
+        DeepSpeedStrategy(1, 1, torch.device("cpu"), zero_stage=1, **kwargs)
     with pytest.raises(ValueError, match="world size 2 must be a multiple of ep_size=4"):
-        DeepSpeedPlan(4, 2, torch.device("cpu"), zero_stage=2, **kwargs)
+        DeepSpeedStrategy(4, 2, torch.device("cpu"), zero_stage=2, **kwargs)

@@ -1,27 +1,23 @@
-"""``trainer.strategy`` and ``parallel.ep_size`` for ``moe-train``: wrapping, gradient sync, clipping, checkpoints.
+"""The interface of a ``trainer.strategy``: wrapping, the optimizer step, and layout-independent checkpoints.
 
-One ``ParallelPlan`` per run decides, from the strategy and the expert-parallel size:
+A ``Strategy`` decides, from the data-parallel scheme and ``parallel.ep_size``:
 
 - ``prepare``: shard each MoE layer's experts over its EP group (``ep_size > 1``);
-- ``wrap``: ``ddp`` (DistributedDataParallel over the dense parameters; sharded experts are left out
-  of it) or ``fsdp`` (FSDP2 ``fully_shard`` of every block and the root over all ranks; sharded experts
-  are left out);
-- ``finish_gradients``: after the last micro-batch, sum the expert gradients over the expert-data-parallel
-  group and divide by the world size (see ``moe.parallel.all_reduce_gradients``);
-- ``clip_grad_norm``: clip by the global norm, identical on every rank;
+- ``wrap`` / ``attach_optimizer``: the module the loop calls;
+- ``accumulate`` / ``backward``: one micro-batch's forward and backward;
+- ``step``: finish the gradients, clip them by the global norm, refuse a non-finite norm, apply the update;
 - ``model_state`` / ``optimizer_state`` and their loaders: layout-independent checkpoints (full expert
-  tensors, unsharded FSDP parameters), so a run saved with one ``ep_size`` or strategy resumes with another.
+  tensors, unsharded parameters), so a run saved with one ``ep_size`` or strategy resumes with another.
 
-``deepspeed`` (ZeRO stage 1/2) is ``moe.train.deepspeed_strategy.DeepSpeedPlan``, which overrides the
-loop hooks (``attach_optimizer``, ``accumulate``, ``backward``, ``optimizer_step``); ``make_plan`` picks
-the plan for a config.
+With one process every method is the plain single-process operation. The methods here serve strategies
+that own the optimizer step themselves (``ddp``, ``fsdp``); ``deepspeed`` overrides what its engine does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,8 +27,6 @@ from moe.parallel import (
     ExpertParallelGroups,
     all_reduce_gradients,
     clip_grad_norm_,
-    expert_parameter_names,
-    expert_parameters,
     full_optimizer_state_dict,
     full_state_dict,
     init_expert_parallel,
@@ -41,84 +35,64 @@ from moe.parallel import (
     to_expert_parallel,
 )
 
-STRATEGIES = ("ddp", "fsdp", "deepspeed")
+
+class NonFiniteGradientError(FloatingPointError):
+    """The global gradient norm was not finite; the update was not applied."""
+
+    def __init__(self, grad_norm: float):
+        self.grad_norm = grad_norm
+        super().__init__(f"non-finite gradient norm {grad_norm}; the update was not applied")
 
 
-class _FSDPRoot(nn.Module):
-    """Holds an FSDP2-sharded model and gives it the ``no_sync`` context the training loop uses."""
+def check_finite_grad_norm(grad_norm: torch.Tensor) -> None:
+    """Raise ``NonFiniteGradientError`` unless ``grad_norm`` is finite (one host sync).
 
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Accumulate gradients locally (no reduce-scatter) inside the block."""
-        self.module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.module.set_requires_gradient_sync(True)
+    The norm is global, so every rank sees the same verdict: an inf or NaN on one rank's gradients
+    reaches every rank's norm through the gradient reduction.
+    """
+    if not torch.isfinite(grad_norm).item():
+        raise NonFiniteGradientError(float(grad_norm))
 
 
-class ParallelPlan:
-    """The run's data/expert-parallel layout and the operations that depend on it.
+class Strategy:
+    """One run's data/expert-parallel layout and the operations that depend on it.
 
-    With one process every method is the plain single-process operation. ``ep_size`` must divide the
-    world size and every MoE layer's expert count (checked in ``prepare``, naming the values).
+    ``ep_size`` must divide the world size and every MoE layer's expert count (checked here and in
+    ``prepare``, naming the values). Subclasses set ``name`` (their ``trainer.strategy`` value).
     """
 
-    def __init__(self, strategy: str, ep_size: int, world_size: int, device: torch.device):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"trainer.strategy={strategy!r} is not valid; valid: {list(STRATEGIES)}")
-        if strategy == "deepspeed" and type(self) is ParallelPlan:
-            raise TypeError("trainer.strategy='deepspeed' is DeepSpeedPlan: build it with make_plan(cfg, ...)")
+    name: ClassVar[str]
+
+    def __init__(self, ep_size: int, world_size: int, device: torch.device):
         moe.parallel.check_layout(world_size, ep_size)
-        self.strategy = strategy
         self.ep_size = ep_size
         self.world_size = world_size
         self.device = device
         self.groups: ExpertParallelGroups | None = None
-        self.sharded_dense = False
+        self.model: nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, device: torch.device) -> Strategy:
+        """The strategy for a ``TrainConfig``."""
+        return cls(cfg.parallel.ep_size, world_size, device)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Shard the experts over EP groups (in place) when ``ep_size > 1``; call before building the optimizer."""
-        if self.ep_size == 1:
-            return model
-        counts = [layer.num_experts for _, layer in moe.moe_layers(model)]
-        self.groups = init_expert_parallel(self.ep_size, counts)
-        return to_expert_parallel(model, self.groups.ep_group)
+        """Shard the experts over EP groups (in place) when ``ep_size > 1`` and keep ``model`` as the module
+        this strategy trains (``self.model``); call before building the optimizer."""
+        if self.ep_size > 1:
+            counts = [layer.num_experts for _, layer in moe.moe_layers(model)]
+            self.groups = init_expert_parallel(self.ep_size, counts)
+            model = to_expert_parallel(model, self.groups.ep_group)
+        self.model = model
+        return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Apply the strategy; returns the module to call in the loop (``model`` itself may change in place).
-
-        FSDP2 replaces parameters, so call this before building the optimizer.
-        """
-        if not self.distributed:
-            return model
-        if self.strategy == "ddp":
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, expert_parameter_names(model)
-            )
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        ignored = set(expert_parameters(model))
-        for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=mesh, ignored_params=ignored & set(block.parameters()) or None)
-        fully_shard(model, mesh=mesh, ignored_params=ignored or None)
-        self.sharded_dense = True
-        return _FSDPRoot(model)
+        """The module to call in the loop (``model`` itself may change in place); before building the optimizer."""
+        return model
 
     def attach_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         """Called once the optimizer exists; returns the module to call in the loop (here ``model``)."""
@@ -132,23 +106,23 @@ class ParallelPlan:
         """Backward of one micro-batch's loss (already divided by the number of micro-batches)."""
         loss.backward()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Apply the update (after ``finish_gradients`` and ``clip_grad_norm``)."""
-        optimizer.step()
-
-    def finish_gradients(self, model: nn.Module) -> None:
-        """After the last micro-batch's backward: average the sharded experts' gradients (no-op without EP)."""
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        """After the last micro-batch: finish the gradients, clip them to ``max_norm`` (inf: no clipping),
+        raise ``NonFiniteGradientError`` on a non-finite norm before anything is applied, then
+        ``optimizer.step()``. Returns the global gradient norm before clipping (the same on every rank)."""
         if self.groups is not None:
-            all_reduce_gradients(model, self.groups, dense=False)
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip by the global gradient norm and return it (the same on every rank)."""
-        if self.groups is None and not self.sharded_dense:
-            return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        return clip_grad_norm_(model, max_norm, self.groups)
+            all_reduce_gradients(self.model, self.groups, dense=False)
+        if self._layout_dependent():
+            grad_norm = clip_grad_norm_(self.model, max_norm, self.groups)
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        check_finite_grad_norm(grad_norm)
+        optimizer.step()
+        return grad_norm
 
     def _layout_dependent(self) -> bool:
-        return self.groups is not None or self.sharded_dense
+        """Whether this process holds only part of some tensors (so states go through the full-tensor helpers)."""
+        return self.groups is not None
 
     def model_state(self, model: nn.Module) -> dict:
         """The single-process model's state dict (collective under EP/FSDP: every rank calls it)."""
@@ -184,38 +158,3 @@ class ParallelPlan:
         single = build().to(self.device)
         single.load_state_dict(state)
         return single
-
-
-def make_plan(cfg, world_size: int, device: torch.device) -> ParallelPlan:
-    """The ``ParallelPlan`` for a ``TrainConfig`` (``trainer.strategy``, ``parallel.ep_size``, ...)."""
-    strategy = cfg.trainer.strategy
-    if strategy == "deepspeed":
-        from moe.train.deepspeed_strategy import DeepSpeedPlan
-
-        return DeepSpeedPlan(
-            cfg.parallel.ep_size,
-            world_size,
-            device,
-            zero_stage=cfg.trainer.zero_stage,
-            micro_batch_size=cfg.data.batch_size,
-            grad_accum=cfg.trainer.grad_accum,
-            grad_clip=cfg.optim.grad_clip,
-        )
-    return ParallelPlan(strategy, cfg.parallel.ep_size, world_size, device)
-
-
-def export_submitit_env() -> bool:
-    """Inside a hydra-submitit-launcher job with several tasks (no torchrun), export ``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from the job's environment for ``env://`` set-up.
-
-    Returns whether it exported anything (not under torchrun, not outside submitit, not for one task).
-    """
-    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
-        return False
-    from submitit.helpers import TorchDistributedEnvironment
-
-    environment = TorchDistributedEnvironment()
-    if environment.world_size <= 1:
-        return False
-    environment.export(set_cuda_visible_devices=False)
-    return True
