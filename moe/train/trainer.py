@@ -248,6 +248,7 @@ class StepResult:
 
 
 def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
+    """Start or resume, then optimizer steps with their records, evaluations and checkpoints, then finish."""
     run = _start(cfg, run_dir, ctx)
     _resume(run)
     _open_logger(run)

@@ -156,7 +156,7 @@ class DeepSpeedStrategy(Strategy):
             )
 
     def deepspeed_config(self) -> dict:
-        """The DeepSpeed config this plan runs with (ZeRO stage, batch sizes, clipping; fp32 optimizer)."""
+        """The DeepSpeed config this strategy runs with (ZeRO stage, batch sizes, clipping; fp32 optimizer)."""
         return {
             "train_micro_batch_size_per_gpu": self.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum,
