@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import cdiv, next_power_of_2
+from moe.routers.topk import SCORE_FUNCTIONS
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
+from .rows import cdiv, next_power_of_2
 
 
 @triton.jit

@@ -19,21 +19,70 @@ from moe.dispatch import DISPATCHERS
 from moe.experts import ACTIVATIONS, EXPERT_IMPLEMENTATIONS, DenseMLP, ExpertMLP
 from moe.layer import MoELayer, moe_layers, name_moe_layers
 from moe.routers import ROUTERS, router_names
+from moe.validation import ConfigValueError, check_choice, check_in_range, check_int_at_least
 
 INIT_STD = 0.02
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def model_dispatchers() -> list[str]:
+    """Dispatcher names a ``ModelConfig`` can give: the registered ones except "expert_parallel", which
+    ``moe.parallel.to_expert_parallel`` applies to a built model."""
+    return sorted(set(DISPATCHERS) - {"expert_parallel"})
 
 
 @dataclass
-class ModelConfig:
-    """Shape and parts of a ``GPT``.
+class ModelShape:
+    """The decoder's shape: every field of a ``GPT`` except its vocabulary and parts (see ``ModelConfig``).
 
     ``moe_every``: 1 = an MoE feed-forward in every layer, n = in layers n, 2n, ... (1-based), 0 = dense
     model (no MoE layer). ``shared_experts``: always-on experts of width ``ffn_hidden_size`` each.
+    ``moe-train``'s ``model`` config group is this dataclass; its checks raise ``ConfigValueError``,
+    so the trainer reports them under ``model.``.
+    """
+
+    seq_len: int = 128
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    ffn_hidden_size: int = 256
+    num_experts: int = 4
+    top_k: int = 2
+    moe_every: int = 1
+    shared_experts: int = 0
+    activation: str = "swiglu"
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "num_experts", "top_k"):
+            check_int_at_least(name, getattr(self, name), 1)
+        for name in ("moe_every", "shared_experts"):
+            check_int_at_least(name, getattr(self, name), 0)
+        hidden, heads, experts, top_k = self.hidden_size, self.num_heads, self.num_experts, self.top_k
+        if hidden % heads:
+            raise ConfigValueError(lambda p: f"{p}hidden_size={hidden} must be divisible by {p}num_heads={heads}")
+        if (hidden // heads) % 2:
+            raise ConfigValueError(
+                lambda p: f"head size {p}hidden_size/{p}num_heads={hidden // heads} must be even (rotary pairs)"
+            )
+        if top_k > experts:
+            raise ConfigValueError(
+                lambda p: (
+                    f"{p}top_k={top_k} is not valid: {p}top_k must be in [1, {p}num_experts={experts}], got {top_k}"
+                )
+            )
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_in_range("dropout", self.dropout, 0.0, 1.0, include_high=False)
+        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 1):
+            rope_base = self.rope_base
+            raise ConfigValueError(lambda p: f"{p}rope_base={rope_base!r} is not valid; it must be a number > 1")
+
+
+@dataclass
+class ModelConfig(ModelShape):
+    """Shape and parts of a ``GPT``: a ``ModelShape`` plus the vocabulary, router, experts and dispatcher.
+
     ``router`` names an entry of ``moe.routers.ROUTERS``, built with ``router_kwargs`` plus ``top_k`` and
     ``vocab_size`` when the router's constructor takes them. ``experts`` names an entry of
     ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``dispatcher`` names an entry of ``moe.dispatch.DISPATCHERS``
@@ -43,57 +92,30 @@ class ModelConfig:
     """
 
     vocab_size: int = 256
-    seq_len: int = 128
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_heads: int = 4
-    ffn_hidden_size: int = 256
-    num_experts: int = 8
-    top_k: int = 2
-    moe_every: int = 1
-    shared_experts: int = 0
     router: str = "topk"
     router_kwargs: dict[str, Any] = field(default_factory=dict)
     experts: str = "grouped"
     dispatcher: str = "local"
-    activation: str = "swiglu"
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    rope_base: float = 10000.0
 
     def __post_init__(self):
-        for name in ("vocab_size", "seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("num_experts", "top_k"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("moe_every", "shared_experts"):
-            _check_int(name, getattr(self, name), 0)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(
-                f"head size hidden_size/num_heads={self.hidden_size // self.num_heads} must be even (rotary pairs)"
-            )
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        super().__post_init__()
+        check_int_at_least("vocab_size", self.vocab_size, 1)
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; valid: {router_names()}")
         if self.experts not in EXPERT_IMPLEMENTATIONS:
             raise ValueError(f"unknown experts {self.experts!r}; valid: {sorted(EXPERT_IMPLEMENTATIONS)}")
-        if self.dispatcher not in DISPATCHERS or self.dispatcher == "expert_parallel":
-            valid = sorted(set(DISPATCHERS) - {"expert_parallel"})
+        if self.dispatcher not in model_dispatchers():
             raise ValueError(
-                f"unknown dispatcher {self.dispatcher!r}; valid: {valid} "
+                f"unknown dispatcher {self.dispatcher!r}; valid: {model_dispatchers()} "
                 "(expert parallelism: build with 'local', then moe.parallel.to_expert_parallel)"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not self.rope_base > 1:
-            raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
         if "top_k" in self.router_kwargs:
             raise ValueError(f"give top_k as ModelConfig.top_k, not in router_kwargs={self.router_kwargs}")
+
+    @classmethod
+    def from_shape(cls, shape: ModelShape, **parts) -> "ModelConfig":
+        """The config of ``shape`` with ``parts`` (vocab_size, router, router_kwargs, experts, dispatcher)."""
+        return cls(**{f.name: getattr(shape, f.name) for f in dataclasses.fields(ModelShape)}, **parts)
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether layer ``index`` (0-based) has an MoE feed-forward."""
@@ -192,6 +214,11 @@ class Block(nn.Module):
         return x + self.drop(h)
 
 
+def _per_expert(layer: MoELayer) -> int:
+    """Parameters of one routed expert of ``layer`` (all experts have the same shape)."""
+    return sum(p.numel() for p in layer.experts.parameters()) // layer.experts.num_experts
+
+
 def _router_kwargs(cfg: ModelConfig) -> dict:
     """``cfg.router_kwargs`` plus ``top_k`` and ``vocab_size`` (hash routing) for routers that take them."""
     kwargs = dict(cfg.router_kwargs)
@@ -271,22 +298,23 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self) -> int:
-        """Number of parameters (a tied embedding counted once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Number of parameters of the whole model (a tied embedding counted once), also under expert
+        parallelism, where this process holds only its share of each MoE layer's experts."""
+        held = sum(p.numel() for p in self.parameters())
+        return held + sum((layer.num_experts - layer.experts.num_experts) * _per_expert(layer) for layer in self._moe())
 
     def num_active_params(self) -> int:
         """Parameters used per token: everything except the experts a token skips.
 
         Each MoE layer counts ``cfg.top_k`` of its ``num_experts`` experts (for expert-choice routing,
         where a token gets a variable number of experts, ``top_k`` stands for the average); routers,
-        shared experts, attention, norms and embeddings count in full.
+        shared experts, attention, norms and embeddings count in full. Independent of expert parallelism.
         """
-        inactive = 0
-        for _, layer in moe_layers(self):
-            experts = layer.experts
-            per_expert = (experts.w_in.numel() + experts.w_out.numel()) // experts.num_experts
-            inactive += (experts.num_experts - self.cfg.top_k) * per_expert
+        inactive = sum((layer.num_experts - self.cfg.top_k) * _per_expert(layer) for layer in self._moe())
         return self.num_params() - inactive
+
+    def _moe(self) -> list[MoELayer]:
+        return [layer for _, layer in moe_layers(self)]
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward): ``6 * N + 12 * L * H * seq_len``.

@@ -189,3 +189,16 @@ def test_bad_config_names_the_value():
 def test_config_round_trips_through_a_dict():
     cfg = tiny(router_kwargs={"z_loss_coef": 0.0})
     assert ModelConfig(**dataclasses.asdict(cfg)) == cfg
+
+
+def test_parameter_counts_cover_the_whole_model_when_experts_are_sharded():
+    """A process holding half of each layer's experts (as under ep_size=2) reports the whole model's counts."""
+    from moe.parallel.sharding import shard_experts
+
+    cfg = tiny(num_experts=4, top_k=2, shared_experts=1)
+    model = GPT(cfg)
+    total, active = independent_counts(cfg)
+    for _, layer in moe.moe_layers(model):
+        layer.experts = shard_experts(layer.experts, ep_rank=1, ep_size=2)
+    assert sum(p.numel() for p in model.parameters()) < total
+    assert model.num_params() == total and model.num_active_params() == active

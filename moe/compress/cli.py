@@ -4,7 +4,7 @@ It reads a checkpoint (never modifying it), calibrates on training batches, comp
 validation loss before and after exactly as ``moe-train`` does, and writes into its run directory:
 
 - ``checkpoints/ckpt-<step>.pt`` (+ ``.sha256``): a ``moe-train`` checkpoint of the compressed model
-  (model, fresh AdamW moments with the source's hyper-parameters, scheduler, sampler and RNG state);
+  (model, fresh AdamW moments with the source's hyper-parameters, sampler and RNG state);
 - ``config.yaml``: the compressed model's full ``moe-train`` config, resuming from that checkpoint;
 - ``summary.json``: validation loss and parameter counts before and after, active parameters per
   token, the kept experts or groups per layer, and timings.
@@ -216,7 +216,6 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
         "tokens_seen": state["tokens_seen"],
         "model": rebuilt.state_dict(),
         "optimizer": optimizer_state,
-        "scheduler": state["scheduler"],
         "sampler": state["sampler"],
         "rng": state["rng"],
         "config": new_config,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from moe.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from moe.train.config import TrainConfig, register_configs, validate
-from moe.train.trainer import DeviceChoiceError, NonFiniteLossError, train
+from moe.train.distributed import DeviceChoiceError
+from moe.train.trainer import NonFiniteLossError, train
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -15,66 +15,17 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from moe.model import ModelShape, model_dispatchers
+from moe.train.strategies import STRATEGIES
+from moe.train.strategies.deepspeed import ZERO_STAGES
+from moe.validation import ConfigValueError, check_at_least, check_choice, check_in_range
+
 DATA_SOURCES = ("stdlib", "text", "bin")
 BIN_DTYPES = ("uint16", "uint32")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOGGERS = ("console", "wandb")
 PROGRESS = ("auto", "bar", "lines")
-STRATEGIES = ("ddp", "fsdp", "deepspeed")
-ZERO_STAGES = (1, 2)
-
-
-def _choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{key}={value!r} is not valid; valid choices: {list(choices)}")
-
-
-def _at_least(key: str, value, minimum) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"{key}={value!r} is not valid; it must be a number >= {minimum}")
-
-
-def _in_range(key: str, value, low, high) -> None:
-    if not (isinstance(value, (int, float)) and low <= value <= high):
-        raise ValueError(f"{key}={value!r} is not valid; it must be in [{low}, {high}]")
-
-
-@dataclass
-class ModelSchema:
-    """The decoder's shape (``moe.model.ModelConfig`` less the router, experts and vocabulary)."""
-
-    seq_len: int = 128
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_heads: int = 4
-    ffn_hidden_size: int = 256
-    num_experts: int = 4
-    top_k: int = 2
-    moe_every: int = 1
-    shared_experts: int = 0
-    activation: str = "swiglu"
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        for key in ("seq_len", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "num_experts", "top_k"):
-            _at_least(f"model.{key}", getattr(self, key), 1)
-        for key in ("moe_every", "shared_experts"):
-            _at_least(f"model.{key}", getattr(self, key), 0)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
-            )
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(
-                f"model.hidden_size / model.num_heads = {self.hidden_size // self.num_heads} "
-                "must be even (rotary positions rotate pairs)"
-            )
-        if self.top_k > self.num_experts:
-            raise ValueError(f"model.top_k={self.top_k} must be in [1, model.num_experts={self.num_experts}]")
-        _choice("model.activation", self.activation, ("swiglu", "gelu", "relu"))
-        _in_range("model.dropout", self.dropout, 0.0, 1.0)
 
 
 @dataclass
@@ -88,7 +39,7 @@ class RouterSchema:
         from moe.routers import ROUTERS, router_names
 
         if self.name not in ROUTERS:  # internal names (a merged checkpoint's "merged") load but are not offered
-            _choice("router.name", self.name, router_names())
+            check_choice("router.name", self.name, router_names())
         params = inspect.signature(ROUTERS[self.name].__init__).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return
@@ -102,17 +53,34 @@ class RouterSchema:
 class ExpertsSchema:
     """Expert implementation (``moe.experts.EXPERT_IMPLEMENTATIONS``); all share one weight layout.
 
-    ``kernels``: use the Triton permute/combine and fused top-k router of ``moe.kernels`` (CUDA; on a CPU
-    they fall back to the torch path). Not combined with ``parallel.ep_size > 1``.
+    ``kernels`` is the former switch of the Triton path, now ``dispatch.name``: giving it fails, naming that key.
     """
 
     impl: str = "grouped"
-    kernels: bool = False
+    kernels: Any = None
 
     def __post_init__(self):
         from moe.experts import EXPERT_IMPLEMENTATIONS
 
-        _choice("experts.impl", self.impl, sorted(EXPERT_IMPLEMENTATIONS))
+        check_choice("experts.impl", self.impl, sorted(EXPERT_IMPLEMENTATIONS))
+        if self.kernels is not None:
+            raise ValueError(
+                "experts.kernels was renamed: use dispatch.name=triton "
+                "(it selects the Triton router top-k and permute/combine, not the experts)"
+            )
+
+
+@dataclass
+class DispatchSchema:
+    """How tokens reach the experts (``moe.model.model_dispatchers()``): "local" (pure torch) or "triton"
+    (the Triton fused router top-k and permute/combine of ``moe.kernels``; CUDA, on a CPU they fall back to
+    torch). "triton" is not combined with ``parallel.ep_size > 1``, whose expert-parallel dispatcher it would replace.
+    """
+
+    name: str = "local"
+
+    def __post_init__(self):
+        check_choice("dispatch.name", self.name, model_dispatchers())
 
 
 @dataclass
@@ -137,17 +105,17 @@ class DataSchema:
     eval_batches: int = 16
 
     def __post_init__(self):
-        _choice("data.source", self.source, DATA_SOURCES)
-        _choice("data.dtype", self.dtype, BIN_DTYPES)
+        check_choice("data.source", self.source, DATA_SOURCES)
+        check_choice("data.dtype", self.dtype, BIN_DTYPES)
         if self.source in ("text", "bin") and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
         if self.source == "bin" and self.vocab_size is None:
             raise ValueError("data.vocab_size is required when data.source='bin'")
         if self.vocab_size is not None:
-            _at_least("data.vocab_size", self.vocab_size, 2)
-        _in_range("data.val_fraction", self.val_fraction, 1e-6, 0.5)
-        _at_least("data.batch_size", self.batch_size, 1)
-        _at_least("data.eval_batches", self.eval_batches, 1)
+            check_at_least("data.vocab_size", self.vocab_size, 2)
+        check_in_range("data.val_fraction", self.val_fraction, 1e-6, 0.5)
+        check_at_least("data.batch_size", self.batch_size, 1)
+        check_at_least("data.eval_batches", self.eval_batches, 1)
 
 
 @dataclass
@@ -168,27 +136,28 @@ class OptimSchema:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        _choice("optim.name", self.name, ("adamw",))
+        check_choice("optim.name", self.name, ("adamw",))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"optim.lr={self.lr!r} is not valid; it must be a finite number > 0")
-        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        check_at_least("optim.weight_decay", self.weight_decay, 0.0)
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas={self.betas!r} is not valid; it must be two numbers in [0, 1)")
         for i, beta in enumerate(self.betas):
-            _in_range(f"optim.betas[{i}]", beta, 0.0, 0.999999)
-        _at_least("optim.eps", self.eps, 0.0)
-        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+            check_in_range(f"optim.betas[{i}]", beta, 0.0, 0.999999)
+        check_at_least("optim.eps", self.eps, 0.0)
+        check_at_least("optim.warmup_steps", self.warmup_steps, 0)
         if self.decay_steps is not None:
-            _at_least("optim.decay_steps", self.decay_steps, 1)
-        _in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _at_least("optim.grad_clip", self.grad_clip, 0.0)
+            check_at_least("optim.decay_steps", self.decay_steps, 1)
+        check_in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_at_least("optim.grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass
 class TrainerSchema:
     """Loop length, intervals, checkpointing, device, precision and strategy.
 
-    ``strategy``: "ddp", "fsdp" or "deepspeed" (ZeRO ``zero_stage`` 1 or 2; see docs/distributed.md).
+    ``strategy``: a name of ``moe.train.strategies.STRATEGIES``: "ddp", "fsdp" or "deepspeed" (ZeRO
+    ``zero_stage`` 1 or 2; see docs/distributed.md).
 
     ``resume``: "auto" (newest checkpoint in the run directory, if any), "none", or a checkpoint path.
     ``eval_interval`` / ``ckpt_interval`` of 0 mean "only at the end".
@@ -210,23 +179,23 @@ class TrainerSchema:
     export_safetensors: bool = True
 
     def __post_init__(self):
-        _at_least("trainer.max_steps", self.max_steps, 1)
-        _at_least("trainer.seed", self.seed, 0)
-        _at_least("trainer.log_interval", self.log_interval, 1)
-        _at_least("trainer.eval_interval", self.eval_interval, 0)
-        _at_least("trainer.ckpt_interval", self.ckpt_interval, 0)
-        _at_least("trainer.keep_checkpoints", self.keep_checkpoints, 1)
-        _at_least("trainer.grad_accum", self.grad_accum, 1)
+        check_at_least("trainer.max_steps", self.max_steps, 1)
+        check_at_least("trainer.seed", self.seed, 0)
+        check_at_least("trainer.log_interval", self.log_interval, 1)
+        check_at_least("trainer.eval_interval", self.eval_interval, 0)
+        check_at_least("trainer.ckpt_interval", self.ckpt_interval, 0)
+        check_at_least("trainer.keep_checkpoints", self.keep_checkpoints, 1)
+        check_at_least("trainer.grad_accum", self.grad_accum, 1)
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"trainer.resume={self.resume!r} is not valid; valid: 'auto', 'none' or a checkpoint path")
-        _choice("trainer.device", self.device, DEVICES)
-        _choice("trainer.precision", self.precision, PRECISIONS)
-        _choice("trainer.strategy", self.strategy, STRATEGIES)
+        check_choice("trainer.device", self.device, DEVICES)
+        check_choice("trainer.precision", self.precision, PRECISIONS)
+        check_choice("trainer.strategy", self.strategy, STRATEGIES)
         if isinstance(self.zero_stage, bool):
             raise TypeError(f"trainer.zero_stage={self.zero_stage!r} is not valid; valid choices: {list(ZERO_STAGES)}")
-        _choice("trainer.zero_stage", self.zero_stage, ZERO_STAGES)
+        check_choice("trainer.zero_stage", self.zero_stage, ZERO_STAGES)
         if self.threads is not None:
-            _at_least("trainer.threads", self.threads, 1)
+            check_at_least("trainer.threads", self.threads, 1)
 
 
 @dataclass
@@ -240,7 +209,7 @@ class ParallelSchema:
     ep_size: int = 1
 
     def __post_init__(self):
-        _at_least("parallel.ep_size", self.ep_size, 1)
+        check_at_least("parallel.ep_size", self.ep_size, 1)
 
 
 @dataclass
@@ -256,17 +225,18 @@ class LoggerSchema:
     run_name: str | None = None
 
     def __post_init__(self):
-        _choice("logger.name", self.name, LOGGERS)
-        _choice("logger.progress", self.progress, PROGRESS)
+        check_choice("logger.name", self.name, LOGGERS)
+        check_choice("logger.progress", self.progress, PROGRESS)
 
 
 @dataclass
 class TrainConfig:
     """The whole ``moe-train`` config: one field per config group."""
 
-    model: ModelSchema = field(default_factory=ModelSchema)
+    model: ModelShape = field(default_factory=ModelShape)
     router: RouterSchema = field(default_factory=RouterSchema)
     experts: ExpertsSchema = field(default_factory=ExpertsSchema)
+    dispatch: DispatchSchema = field(default_factory=DispatchSchema)
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
@@ -274,10 +244,10 @@ class TrainConfig:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
     def __post_init__(self):
-        if self.experts.kernels and self.parallel.ep_size > 1:
+        if self.dispatch.name == "triton" and self.parallel.ep_size > 1:
             raise ValueError(
-                f"experts.kernels=true cannot be combined with parallel.ep_size={self.parallel.ep_size}: the "
-                "expert-parallel dispatcher replaces the fused one; set experts.kernels=false or parallel.ep_size=1"
+                f"dispatch.name='triton' cannot be combined with parallel.ep_size={self.parallel.ep_size}: the "
+                "expert-parallel dispatcher replaces the fused one; set dispatch.name=local or parallel.ep_size=1"
             )
 
 
@@ -292,12 +262,23 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         cfg = OmegaConf.structured(cfg)
     # Through plain containers: a key forced in with Hydra's "+key=value" must still meet the schema.
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), plain))
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    try:
+        OmegaConf.to_object(merged.model)  # moe.model.ModelShape names its fields bare: report them as model.*
+    except ConfigValueError as error:
+        raise error.under("model") from None
+    return OmegaConf.to_object(merged)
 
 
 def to_dict(cfg: TrainConfig) -> dict:
     """Plain-container form of a config (for checkpoints, summaries and wandb)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def saved_architecture(state: dict) -> dict:
+    """A checkpoint's architecture keys, with the defaults of keys added since it was written
+    (``model.rope_base`` became a trainer key later; older runs used its default)."""
+    return {"model.rope_base": ModelShape.rope_base, **state["architecture"]}
 
 
 def architecture(cfg: TrainConfig, vocab_size: int) -> dict:

@@ -1,9 +1,9 @@
-"""The ``moe-train`` loop: one process (CPU or GPU) or DDP under torchrun, with exact resume.
+"""The ``moe-train`` loop: one process (CPU or GPU) or several under torchrun, with exact resume.
 
-``train(cfg, run_dir)`` is the whole job: prepare data, build and wrap the model, run the optimizer
-steps with gradient accumulation, evaluate, checkpoint, and finish with ``summary.json``, a safetensors
-export, the expert-load heat-map and a printed summary. Model wrapping for data parallelism lives in
-``wrap_model`` only, so other strategies can be added in one place.
+``train(cfg, run_dir)`` is the whole job: prepare data, build the model and apply the strategy
+(``moe.train.strategies``), run the optimizer steps with gradient accumulation, evaluate, checkpoint, and
+finish with ``summary.json``, a safetensors export, the expert-load heat-map and a printed summary. Each
+of those is one function below over a ``Run`` (the state a job carries between steps).
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,108 +34,30 @@ from moe.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from moe.train.config import TrainConfig, architecture, to_dict
+from moe.train.config import OptimSchema, TrainConfig, architecture, saved_architecture, to_dict
+from moe.train.distributed import DistContext, setup_distributed
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
-from moe.train.parallel import ParallelPlan, export_submitit_env, make_plan
-
-
-class DeviceChoiceError(ValueError):
-    """``trainer.device`` cannot be met on this machine (no GPU, or fewer GPUs than local processes)."""
+from moe.train.strategies import NonFiniteGradientError, Strategy, make_strategy
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the run stopped before applying it."""
 
 
-@dataclass
-class DistContext:
-    """Where this process sits: rank, world size, device, and the data-parallel process group."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    process_group: dist.ProcessGroup | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def use_cuda_for(device_choice: str, local_processes: int, num_gpus: int) -> bool:
-    """Whether this node's processes train on CUDA: each needs a GPU of its own.
-
-    ``auto`` takes CUDA only when every local process gets one (else the CPU); ``cuda`` without enough GPUs
-    is refused with both counts, since two processes sharing a GPU under NCCL fail or hang.
-    """
-    if device_choice == "cpu":
-        return False
-    if device_choice == "auto":
-        return 0 < local_processes <= num_gpus
-    if num_gpus == 0:
-        raise DeviceChoiceError("trainer.device='cuda' but no CUDA device is available; valid here: auto, cpu")
-    if local_processes > num_gpus:
-        raise DeviceChoiceError(
-            f"trainer.device='cuda' needs one GPU per process: {local_processes} local processes but {num_gpus} "
-            "GPU(s) on this node; start fewer processes (torchrun --nproc_per_node) or use trainer.device=cpu"
-        )
-    return True
-
-
-def setup_distributed(device_choice: str) -> DistContext:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group (NCCL on GPU, gloo on CPU)."""
-    export_submitit_env()
-    use_cuda = use_cuda_for(device_choice, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(rank=rank, world_size=world_size, device=device, process_group=None)
-
-
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The GPT decoder of ``moe.model`` for this config and vocabulary."""
     from moe.model import GPT, ModelConfig
 
-    m = cfg.model
     return GPT(
-        ModelConfig(
+        ModelConfig.from_shape(
+            cfg.model,
             vocab_size=vocab_size,
-            seq_len=m.seq_len,
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_heads=m.num_heads,
-            ffn_hidden_size=m.ffn_hidden_size,
-            num_experts=m.num_experts,
-            top_k=m.top_k,
-            moe_every=m.moe_every,
-            shared_experts=m.shared_experts,
             router=cfg.router.name,
             router_kwargs=dict(cfg.router.kwargs),
             experts=cfg.experts.impl,
-            dispatcher="triton" if cfg.experts.kernels else "local",
-            activation=m.activation,
-            tie_embeddings=m.tie_embeddings,
-            dropout=m.dropout,
+            dispatcher=cfg.dispatch.name,
         )
     )
-
-
-def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> tuple[nn.Module, nn.Module, ParallelPlan]:
-    """Apply ``parallel.ep_size`` and ``trainer.strategy`` (moe.train.parallel); the one place the model is wrapped.
-
-    Returns (model as trained, the unwrapped model, the plan); call it before building the optimizer.
-    """
-    plan = make_plan(cfg, ctx.world_size, ctx.device)
-    model = plan.prepare(model)
-    return plan.wrap(model), model, plan
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -162,6 +83,14 @@ class WarmupCosine:
         span = max(1, self.decay_steps - self.warmup)
         progress = min(1.0, (step - self.warmup) / span)
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, optim: OptimSchema, max_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): ``optim.lr`` times ``WarmupCosine`` over
+    ``optim.decay_steps`` (default ``max_steps``), so a resumed run with a longer ``max_steps`` follows the
+    longer schedule from where it stands."""
+    schedule = WarmupCosine(optim.warmup_steps, optim.decay_steps or max_steps, optim.min_lr_ratio)
+    return optim.lr * schedule(step)
 
 
 class _StopSignal:
@@ -265,201 +194,307 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
             dist.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """What a training job holds between optimizer steps.
+
+    ``model`` is the module the loop calls (wrapped by the strategy), ``raw_model`` the single-process
+    ``GPT`` it wraps. The ``interval_*`` fields accumulate between two train records.
+    """
+
+    cfg: TrainConfig
+    ctx: DistContext
+    run_dir: Path
+    splits: object
+    vocab_size: int
+    strategy: Strategy
+    model: nn.Module
+    raw_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: object
+    arch: dict
+    logger: RunLogger | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    last_ckpt: Path | None = None
+    resumed_from: Path | None = None
+    train_time: float = 0.0
+    val_loss: float | None = None
+    stopped_by: str | None = None
+    interval_load: torch.Tensor | None = None
+    interval_time: float = 0.0
+    interval_tokens: int = 0
+    layer_names: list[str] = field(default_factory=list)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        cfg = self.cfg
+        return cfg.data.batch_size * cfg.model.seq_len * self.ctx.world_size * cfg.trainer.grad_accum
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's figures, averaged over ranks (loss and aux loss over the micro-batches too)."""
+
+    loss: float
+    aux_loss: float
+    lr: float
+    grad_norm: float
+    stop_requested: bool
+
+
 def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
+    """Start or resume, then optimizer steps with their records, evaluations and checkpoints, then finish."""
+    run = _start(cfg, run_dir, ctx)
+    _resume(run)
+    _open_logger(run)
     t_cfg = cfg.trainer
-    if t_cfg.threads is not None:
-        torch.set_num_threads(t_cfg.threads)
+    batches = iter(run.sampler)
+    layers = moe.moe_layers(run.raw_model)
+    run.model.train()
+    with _StopSignal() as stop:
+        while run.step < t_cfg.max_steps:
+            result = _train_step(run, batches, layers, stop)
+            if run.step % t_cfg.log_interval == 0 or run.step == t_cfg.max_steps:
+                _log_train(run, result)
+            if t_cfg.eval_interval and run.step % t_cfg.eval_interval == 0 and run.step < t_cfg.max_steps:
+                _evaluate(run)
+            if result.stop_requested:
+                _save(run)
+                run.stopped_by = "SIGTERM"
+                run.logger.message(f"SIGTERM: saved {run.last_ckpt} at step {run.step}; exiting")
+                break
+            if (t_cfg.ckpt_interval and run.step % t_cfg.ckpt_interval == 0) or run.step == t_cfg.max_steps:
+                _save(run)
+    if run.stopped_by is None:
+        _evaluate(run)
+    return _finish(run)
+
+
+def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
+    """Seed, prepare the data, build the model, the strategy, the optimizer and the sampler (in that order:
+    the initialisation draws from the seeded RNG)."""
+    from moe.data import BatchSampler
+
+    if cfg.trainer.threads is not None:
+        torch.set_num_threads(cfg.trainer.threads)
     if ctx.distributed:
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
-    ckpt_dir = run_dir / "checkpoints"
-    torch.manual_seed(t_cfg.seed)
-
-    from moe.data import BatchSampler, unigram_entropy_bits
-
+    torch.manual_seed(cfg.trainer.seed)
     splits = prepare_data(cfg, ctx)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
-    model, raw_model, plan = wrap_model(build_model(cfg, vocab_size).to(ctx.device), cfg, ctx)
+    model = build_model(cfg, vocab_size).to(ctx.device)
+    strategy = make_strategy(cfg, ctx.world_size, ctx.device)
+    raw_model = strategy.prepare(model)
+    model = strategy.wrap(raw_model)
     optimizer = build_optimizer(raw_model, cfg)
-    model = plan.attach_optimizer(model, optimizer)
-    decay_steps = cfg.optim.decay_steps or t_cfg.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(cfg.optim.warmup_steps, decay_steps, cfg.optim.min_lr_ratio)
-    )
+    model = strategy.attach_optimizer(model, optimizer)
     sampler = BatchSampler(
-        splits.train, cfg.data.batch_size, cfg.model.seq_len, rank=ctx.rank, world_size=ctx.world_size, seed=t_cfg.seed
+        splits.train,
+        cfg.data.batch_size,
+        cfg.model.seq_len,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.trainer.seed,
     )
-    arch = architecture(cfg, vocab_size)
+    return Run(
+        cfg=cfg,
+        ctx=ctx,
+        run_dir=run_dir,
+        splits=splits,
+        vocab_size=vocab_size,
+        strategy=strategy,
+        model=model,
+        raw_model=raw_model,
+        optimizer=optimizer,
+        sampler=sampler,
+        arch=architecture(cfg, vocab_size),
+    )
 
-    step, tokens_seen, last_ckpt = 0, 0, None
-    resume_from = resolve_resume(t_cfg.resume, ckpt_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        check_architecture(state["architecture"], arch, resume_from)
-        plan.load_model_state(raw_model, state["model"])
-        plan.load_optimizer_state(raw_model, optimizer, state["optimizer"])
-        check_same_optimizer(state["config"]["optim"], to_dict(cfg)["optim"], resume_from)
-        scheduler.load_state_dict(state["scheduler"])
-        # The schedule's length follows this run's trainer.max_steps (a longer run extends the cosine).
-        scheduler.lr_lambdas[0].__dict__.update(
-            WarmupCosine(cfg.optim.warmup_steps, decay_steps, cfg.optim.min_lr_ratio).__dict__
-        )
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-        sampler.load_state_dict(state["sampler"])
+
+def _resume(run: Run) -> None:
+    """Restore model, optimizer, sampler, RNG and counters from ``trainer.resume`` (if it names a checkpoint).
+
+    Checkpoints of earlier versions also hold a "scheduler" entry; it is not read: the learning rate is
+    ``lr_at(step, ...)``, so the step alone restores it.
+    """
+    path = resolve_resume(run.cfg.trainer.resume, run.ckpt_dir)
+    if path is not None:
+        state = load_checkpoint(path)
+        check_architecture(saved_architecture(state), run.arch, path)
+        run.strategy.load_model_state(run.raw_model, state["model"])
+        run.strategy.load_optimizer_state(run.raw_model, run.optimizer, state["optimizer"])
+        check_same_optimizer(state["config"]["optim"], to_dict(run.cfg)["optim"], path)
+        run.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
-        step, tokens_seen, last_ckpt = state["step"], state["tokens_seen"], resume_from
-    check_no_later_checkpoints(ckpt_dir, step)
-    layers = moe.moe_layers(raw_model)
-    layer_names = [name for name, _ in layers]
+        run.step, run.tokens_seen, run.last_ckpt, run.resumed_from = state["step"], state["tokens_seen"], path, path
+    check_no_later_checkpoints(run.ckpt_dir, run.step)
 
-    logger = RunLogger(
-        run_dir,
-        max_steps=t_cfg.max_steps,
-        start_step=step,
+
+def _open_logger(run: Run) -> None:
+    cfg = run.cfg
+    run.layer_names = [name for name, _ in moe.moe_layers(run.raw_model)]
+    run.logger = RunLogger(
+        run.run_dir,
+        max_steps=cfg.trainer.max_steps,
+        start_step=run.step,
         progress=cfg.logger.progress,
         wandb_config=to_dict(cfg) if cfg.logger.name == "wandb" else None,
         project=cfg.logger.project,
         run_name=cfg.logger.run_name,
-        enabled=ctx.is_main,
+        enabled=run.ctx.is_main,
     )
-    if resume_from is not None:
-        logger.message(f"resumed from {resume_from} at step {step}")
-    logger.message(
-        f"model: {raw_model.num_params():,} parameters, {raw_model.num_active_params():,} active per token; "
-        f"router={cfg.router.name}, world_size={ctx.world_size}, device={ctx.device}"
+    if run.resumed_from is not None:
+        run.logger.message(f"resumed from {run.resumed_from} at step {run.step}")
+    run.logger.message(
+        f"model: {run.raw_model.num_params():,} parameters, {run.raw_model.num_active_params():,} active per "
+        f"token; router={cfg.router.name}, world_size={run.ctx.world_size}, device={run.ctx.device}"
     )
 
-    def save(at_step: int) -> Path:
-        path = checkpoint_path(ckpt_dir, at_step)
-        model_state, optimizer_state = plan.model_state(raw_model), plan.optimizer_state(raw_model, optimizer)
-        if ctx.is_main:
-            state = {
-                "step": at_step,
-                "tokens_seen": tokens_seen,
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "rng": rng_state(),
-                "config": to_dict(cfg),
-                "architecture": arch,
-                "world_size": ctx.world_size,
-            }
-            save_checkpoint(ckpt_dir, at_step, state, keep=t_cfg.keep_checkpoints)
-        if ctx.distributed:
-            dist.barrier()
-        return path
 
-    tokens_per_step = cfg.data.batch_size * cfg.model.seq_len * ctx.world_size * t_cfg.grad_accum
-    batches = iter(sampler)
-    interval_load = None
-    interval_time, interval_tokens, train_time = 0.0, 0, 0.0
-    stopped_by = None
-    val_loss = None
-    model.train()
-    with _StopSignal() as stop:
-        while step < t_cfg.max_steps:
-            started = time.perf_counter()
-            step_stats = torch.zeros(4, dtype=torch.float64, device=ctx.device)
-            try:
-                for micro in range(t_cfg.grad_accum):
-                    x, y = next(batches)
-                    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-                    last_micro = micro == t_cfg.grad_accum - 1
-                    with plan.accumulate(model, last_micro):
-                        with _autocast(cfg, ctx.device):
-                            _, task_loss = model(x, y)
-                            aux = moe.aux_loss(raw_model)
-                        plan.backward((task_loss + aux) / t_cfg.grad_accum)
-                    step_stats[0] += task_loss.detach().double() / t_cfg.grad_accum
-                    step_stats[1] += aux.detach().double() / t_cfg.grad_accum
-                    load = _expert_load(layers)
-                    if load is not None:
-                        interval_load = load if interval_load is None else interval_load + load
-            except FloatingPointError as error:
-                raise NonFiniteLossError(
-                    f"non-finite values at step {step + 1}: {error}; last good checkpoint: {last_ckpt or 'none'}"
-                ) from error
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            plan.finish_gradients(raw_model)
-            grad_norm = plan.clip_grad_norm(raw_model, clip)
-            step_stats[2] = (~torch.isfinite(step_stats[0] + step_stats[1] + grad_norm.double())).double()
-            step_stats[3] = float(stop.received)
-            if ctx.distributed:
-                dist.all_reduce(step_stats, group=ctx.process_group)
-                step_stats[:2] /= ctx.world_size
-            # One host sync per optimizer step: a non-finite step must be caught before it reaches the weights.
-            loss_value, aux_value, nonfinite, stop_requested = step_stats.tolist()
-            if nonfinite:
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step + 1} (loss={loss_value}, aux_loss={aux_value}, "
-                    f"grad_norm={float(grad_norm)}); the update was not applied; "
-                    f"last good checkpoint: {last_ckpt or 'none'}"
-                )
-            lr = optimizer.param_groups[0]["lr"]
-            plan.optimizer_step(optimizer)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            moe.update_routers(raw_model, ctx.process_group)
-            step += 1
-            tokens_seen += tokens_per_step
-            elapsed = time.perf_counter() - started
-            interval_time += elapsed
-            train_time += elapsed
-            interval_tokens += tokens_per_step
-            logger.advance()
+def _train_step(run: Run, batches, layers, stop: _StopSignal) -> StepResult:
+    """One optimizer step: set the learning rate, accumulate the micro-batches' gradients, stop on a non-finite
+    loss before the update, the strategy's step (which refuses a non-finite gradient), the routers' update."""
+    cfg, ctx = run.cfg, run.ctx
+    started = time.perf_counter()
+    lr = lr_at(run.step, cfg.optim, cfg.trainer.max_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    stats = _accumulate_gradients(run, batches, layers)
+    stats[2] = (~torch.isfinite(stats[0] + stats[1])).double()
+    stats[3] = float(stop.received)
+    if ctx.distributed:
+        dist.all_reduce(stats, group=ctx.process_group)
+        stats[:2] /= ctx.world_size
+    loss, aux_loss, nonfinite, stop_requested = stats.tolist()  # the step's one host sync for the loss
+    not_applied = f"the update was not applied; last good checkpoint: {run.last_ckpt or 'none'}"
+    if nonfinite:
+        raise NonFiniteLossError(
+            f"non-finite loss at step {run.step + 1} (loss={loss}, aux_loss={aux_loss}); {not_applied}"
+        )
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    try:
+        grad_norm = run.strategy.step(run.optimizer, clip)
+    except NonFiniteGradientError as error:
+        raise NonFiniteLossError(
+            f"non-finite gradient at step {run.step + 1} (loss={loss}, grad_norm={error.grad_norm}); {not_applied}"
+        ) from error
+    run.optimizer.zero_grad(set_to_none=True)
+    moe.update_routers(run.raw_model, ctx.process_group)
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    elapsed = time.perf_counter() - started
+    run.interval_time += elapsed
+    run.train_time += elapsed
+    run.interval_tokens += run.tokens_per_step
+    run.logger.advance()
+    return StepResult(loss, aux_loss, lr, float(grad_norm), bool(stop_requested))
 
-            if step % t_cfg.log_interval == 0 or step == t_cfg.max_steps:
-                if interval_load is not None and ctx.distributed:
-                    dist.all_reduce(interval_load, group=ctx.process_group)
-                logger.write(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "loss": loss_value,
-                        "lr": lr,
-                        "aux_loss": aux_value,
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": interval_tokens / max(interval_time, 1e-9),
-                        "tokens_seen": tokens_seen,
-                        **_load_fields(layer_names, interval_load),
-                    }
-                )
-                interval_load, interval_time, interval_tokens = None, 0.0, 0
-            if t_cfg.eval_interval and step % t_cfg.eval_interval == 0 and step < t_cfg.max_steps:
-                val_loss = evaluate(raw_model, cfg, splits.val, ctx)
-                logger.write(_eval_record(step, val_loss, splits.is_bytes))
-            if stop_requested:
-                last_ckpt = save(step)
-                stopped_by = "SIGTERM"
-                logger.message(f"SIGTERM: saved {last_ckpt} at step {step}; exiting")
-                break
-            if (t_cfg.ckpt_interval and step % t_cfg.ckpt_interval == 0) or step == t_cfg.max_steps:
-                last_ckpt = save(step)
 
-    if stopped_by is None:
-        val_loss = evaluate(raw_model, cfg, splits.val, ctx)
-        logger.write(_eval_record(step, val_loss, splits.is_bytes))
+def _accumulate_gradients(run: Run, batches, layers) -> torch.Tensor:
+    """Forward and backward of ``trainer.grad_accum`` micro-batches; returns (4,) float64 on the device: the
+    mean task loss and aux loss, then two slots for the caller. Adds the routed-token counts to the interval."""
+    cfg, ctx, grad_accum = run.cfg, run.ctx, run.cfg.trainer.grad_accum
+    stats = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    try:
+        for micro in range(grad_accum):
+            x, y = next(batches)
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            with run.strategy.accumulate(run.model, micro == grad_accum - 1):
+                with _autocast(cfg, ctx.device):
+                    _, task_loss = run.model(x, y)
+                    aux = moe.aux_loss(run.raw_model)
+                run.strategy.backward((task_loss + aux) / grad_accum)
+            stats[0] += task_loss.detach().double() / grad_accum
+            stats[1] += aux.detach().double() / grad_accum
+            load = _expert_load(layers)
+            if load is not None:
+                run.interval_load = load if run.interval_load is None else run.interval_load + load
+    except FloatingPointError as error:
+        raise NonFiniteLossError(
+            f"non-finite values at step {run.step + 1}: {error}; last good checkpoint: {run.last_ckpt or 'none'}"
+        ) from error
+    return stats
+
+
+def _log_train(run: Run, result: StepResult) -> None:
+    """Write the train record of the steps since the last one (expert load summed over ranks) and reset them."""
+    if run.interval_load is not None and run.ctx.distributed:
+        dist.all_reduce(run.interval_load, group=run.ctx.process_group)
+    run.logger.write(
+        {
+            "kind": "train",
+            "step": run.step,
+            "loss": result.loss,
+            "lr": result.lr,
+            "aux_loss": result.aux_loss,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": run.interval_tokens / max(run.interval_time, 1e-9),
+            "tokens_seen": run.tokens_seen,
+            **_load_fields(run.layer_names, run.interval_load),
+        }
+    )
+    run.interval_load, run.interval_time, run.interval_tokens = None, 0.0, 0
+
+
+def _evaluate(run: Run) -> None:
+    run.val_loss = evaluate(run.raw_model, run.cfg, run.splits.val, run.ctx)
+    run.logger.write(_eval_record(run.step, run.val_loss, run.splits.is_bytes))
+
+
+def _save(run: Run) -> None:
+    """Checkpoint the current step (collective: every rank gathers its share; rank 0 writes)."""
+    model_state = run.strategy.model_state(run.raw_model)
+    optimizer_state = run.strategy.optimizer_state(run.raw_model, run.optimizer)
+    if run.ctx.is_main:
+        state = {
+            "step": run.step,
+            "tokens_seen": run.tokens_seen,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "sampler": run.sampler.state_dict(),
+            "rng": rng_state(),
+            "config": to_dict(run.cfg),
+            "architecture": run.arch,
+            "world_size": run.ctx.world_size,
+        }
+        save_checkpoint(run.ckpt_dir, run.step, state, keep=run.cfg.trainer.keep_checkpoints)
+    if run.ctx.distributed:
+        dist.barrier()
+    run.last_ckpt = checkpoint_path(run.ckpt_dir, run.step)
+
+
+def _finish(run: Run) -> dict:
+    """The summary; rank 0 also writes the exports and prints it."""
+    from moe.data import unigram_entropy_bits
+
+    splits, val_loss = run.splits, run.val_loss
     summary = {
-        "steps": step,
-        "tokens_seen": tokens_seen,
-        "train_time_s": round(train_time, 2),
-        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time > 0 else None,
+        "steps": run.step,
+        "tokens_seen": run.tokens_seen,
+        "train_time_s": round(run.train_time, 2),
+        "tokens_per_s": round(run.tokens_seen / run.train_time, 1) if run.train_time > 0 else None,
         "final_val_loss": val_loss,
         "val_bits_per_byte": val_loss / math.log(2) if splits.is_bytes and val_loss is not None else None,
         "val_unigram_entropy_bits": unigram_entropy_bits(splits.val) if splits.is_bytes else None,
-        "num_params": raw_model.num_params(),
-        "num_active_params": raw_model.num_active_params(),
-        "world_size": ctx.world_size,
-        "last_checkpoint": str(last_ckpt) if last_ckpt else None,
-        "stopped_by": stopped_by,
+        "num_params": run.raw_model.num_params(),
+        "num_active_params": run.raw_model.num_active_params(),
+        "world_size": run.ctx.world_size,
+        "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None,
+        "stopped_by": run.stopped_by,
     }
-    export_model = plan.export_model(raw_model, lambda: build_model(cfg, vocab_size), ctx.is_main)
-    if ctx.is_main:
-        _finish(cfg, export_model, run_dir, summary, arch, logger)
-    logger.close()
+    export_model = run.strategy.export_model(
+        run.raw_model, lambda: build_model(run.cfg, run.vocab_size), run.ctx.is_main
+    )
+    if run.ctx.is_main:
+        _write_outputs(run.cfg, export_model, run.run_dir, summary, run.arch, run.logger)
+    run.logger.close()
     return summary
 
 
@@ -472,7 +507,7 @@ def _eval_record(step: int, val_loss: float, is_bytes: bool) -> dict:
     }
 
 
-def _finish(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: dict, arch: dict, logger: RunLogger):
+def _write_outputs(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: dict, arch: dict, logger: RunLogger):
     """Rank 0: safetensors export, heat-map, summary.json and the printed summary."""
     if cfg.trainer.export_safetensors and summary["stopped_by"] is None:
         summary["safetensors"] = str(export_safetensors(model, run_dir / "model.safetensors", {"architecture": arch}))

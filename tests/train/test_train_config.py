@@ -14,6 +14,7 @@ GROUPS = {
     "model": ["tiny", "small", "dense"],
     "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash"],
     "experts": ["grouped", "loop"],
+    "dispatch": ["local", "triton"],
     "data": ["stdlib"],
     "optim": ["adamw"],
     "trainer": ["default"],
@@ -151,13 +152,66 @@ def test_warmup_cosine_matches_its_formula():
     assert schedule(500) == pytest.approx(0.1)
 
 
-def test_experts_kernels_switch_builds_fused_layers_and_refuses_expert_parallel():
+def test_triton_dispatch_builds_fused_layers_and_refuses_expert_parallel():
     from moe.dispatch.fused import FusedDispatcher
     from moe.layer import moe_layers
     from moe.train.trainer import build_model
 
-    cfg = validate(_compose(["experts.kernels=true"]))
+    cfg = validate(_compose(["dispatch=triton"]))
     layers = moe_layers(build_model(cfg, vocab_size=256))
     assert layers and all(isinstance(layer.dispatcher, FusedDispatcher) for _, layer in layers)
-    with pytest.raises(ValueError, match=r"experts.kernels=true cannot be combined with parallel.ep_size=2"):
-        validate(_compose(["experts.kernels=true", "parallel.ep_size=2"]))
+    with pytest.raises(ValueError, match=r"dispatch.name='triton' cannot be combined with parallel.ep_size=2"):
+        validate(_compose(["dispatch.name=triton", "parallel.ep_size=2"]))
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_the_old_experts_kernels_key_names_its_replacement(value):
+    with pytest.raises(ValueError) as error:
+        validate(_compose([f"experts.kernels={value}"]))
+    assert str(error.value) == (
+        "experts.kernels was renamed: use dispatch.name=triton "
+        "(it selects the Triton router top-k and permute/combine, not the experts)"
+    )
+
+
+def test_model_group_is_the_model_shape_and_builds_the_same_config():
+    """The trainer's model group is moe.model.ModelShape: same fields and defaults, built without copying."""
+    import dataclasses
+
+    from moe.model import ModelConfig, ModelShape
+    from moe.train.trainer import build_model
+
+    cfg = validate(_compose(["model.dropout=0.5", "model.rope_base=500"]))
+    assert type(cfg.model) is ModelShape
+    built = build_model(cfg, vocab_size=256).cfg
+    for f in dataclasses.fields(ModelShape):
+        assert getattr(built, f.name) == getattr(cfg.model, f.name), f.name
+    assert (built.vocab_size, built.router, built.experts, built.dispatcher) == (256, "topk", "grouped", "local")
+    assert ModelConfig().num_experts == ModelShape().num_experts == 4
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.dropout=1.0", r"^model.dropout=1.0 is not valid; it must be in \[0.0, 1.0\)$"),
+        ("model.rope_base=1", r"^model.rope_base=1.0 is not valid"),
+        ("model.num_layers=0", r"^model.num_layers must be an int >= 1, got 0$"),
+        ("dispatch.name=fused", r"^dispatch.name='fused' is not valid; valid choices: \['local', 'triton'\]$"),
+    ],
+)
+def test_model_and_dispatch_checks_name_the_trainer_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(_compose([override]))
+
+
+def test_learning_rate_is_lr_times_the_schedule_at_the_step():
+    from moe.train.config import OptimSchema
+    from moe.train.trainer import lr_at
+
+    optim = OptimSchema(lr=0.01, warmup_steps=10, min_lr_ratio=0.1)
+    for step in (0, 9, 10, 60, 110, 500):
+        assert lr_at(step, optim, max_steps=110) == 0.01 * WarmupCosine(10, 110, 0.1)(step)
+    # decay_steps follows max_steps unless set: a longer run stretches the cosine.
+    assert lr_at(60, optim, max_steps=210) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))))
+    fixed = OptimSchema(lr=0.01, warmup_steps=10, min_lr_ratio=0.1, decay_steps=110)
+    assert lr_at(60, fixed, max_steps=210) == lr_at(60, optim, max_steps=110)

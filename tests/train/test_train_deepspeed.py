@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe.train.config import TrainerSchema
-from moe.train.parallel import ParallelPlan
+from moe.train.strategies import STRATEGIES, DeepSpeedStrategy
 
 from train_runs import run_moe_train
 
@@ -104,18 +104,70 @@ def test_zero_stage_is_validated():
         TrainerSchema(zero_stage=3)
     with pytest.raises(TypeError, match="trainer.zero_stage=True is not valid"):
         TrainerSchema(zero_stage=True)
-    with pytest.raises(TypeError, match="DeepSpeedPlan"):
-        ParallelPlan("deepspeed", 1, 2, torch.device("cpu"))
+    assert STRATEGIES["deepspeed"] is DeepSpeedStrategy
 
 
 @needs_deepspeed
 def test_deepspeed_plan_rejects_bad_settings():
-    from moe.train.deepspeed_strategy import DeepSpeedPlan
-
     kwargs = {"micro_batch_size": 2, "grad_accum": 1, "grad_clip": 1.0}
     with pytest.raises(ValueError, match=r"trainer.zero_stage=3 is not valid; valid: \[1, 2\]"):
-        DeepSpeedPlan(1, 2, torch.device("cpu"), zero_stage=3, **kwargs)
+        DeepSpeedStrategy(1, 2, torch.device("cpu"), zero_stage=3, **kwargs)
     with pytest.raises(ValueError, match="needs at least 2 processes"):
-        DeepSpeedPlan(1, 1, torch.device("cpu"), zero_stage=1, **kwargs)
+        DeepSpeedStrategy(1, 1, torch.device("cpu"), zero_stage=1, **kwargs)
     with pytest.raises(ValueError, match="world size 2 must be a multiple of ep_size=4"):
-        DeepSpeedPlan(4, 2, torch.device("cpu"), zero_stage=2, **kwargs)
+        DeepSpeedStrategy(4, 2, torch.device("cpu"), zero_stage=2, **kwargs)
+
+
+def _non_finite_step_worker(rank: int, world_size: int, port: int) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from moe.train.strategies import NonFiniteGradientError
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    strategy = DeepSpeedStrategy(
+        1, world_size, torch.device("cpu"), zero_stage=1, micro_batch_size=2, grad_accum=1, grad_clip=1.0
+    )
+    model = strategy.prepare(nn.Linear(8, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    engine = strategy.attach_optimizer(strategy.wrap(model), optimizer)
+    x = torch.randn(2, 8)
+
+    def one_step() -> None:
+        with strategy.accumulate(engine, True):
+            strategy.backward(engine(x).square().mean())
+        strategy.step(optimizer, 1.0)
+
+    start = model.weight.detach().clone()
+    one_step()
+    updated = model.weight.detach().clone()
+    assert not torch.equal(updated, start), "a finite step updates the weights"
+    if rank == 0:  # one rank's NaN reaches every rank through the gradient reduction
+        model.weight.register_hook(lambda grad: grad * float("nan"))
+    try:
+        one_step()
+    except NonFiniteGradientError:
+        pass
+    else:
+        raise AssertionError("a non-finite gradient did not raise")
+    assert torch.equal(model.weight.detach(), updated), "the non-finite gradient reached the weights"
+    dist.destroy_process_group()
+
+
+@needs_deepspeed
+@pytest.mark.distributed
+def test_deepspeed_step_refuses_a_non_finite_gradient_before_the_update():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_non_finite_step_worker, args=(2, port), nprocs=2, join=True)

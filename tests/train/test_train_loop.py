@@ -272,13 +272,13 @@ def test_a_run_never_rotates_away_later_checkpoints_of_its_directory(corpus, tmp
     ],
 )
 def test_device_auto_takes_cuda_only_when_every_local_process_gets_a_gpu(choice, local, gpus, expected):
-    from moe.train.trainer import use_cuda_for
+    from moe.train.distributed import use_cuda_for
 
     assert use_cuda_for(choice, local, gpus) is expected
 
 
 def test_device_cuda_with_too_few_gpus_names_both_counts():
-    from moe.train.trainer import DeviceChoiceError, use_cuda_for
+    from moe.train.distributed import DeviceChoiceError, use_cuda_for
 
     with pytest.raises(DeviceChoiceError, match=r"2 local processes but 1 GPU\(s\)"):
         use_cuda_for("cuda", 2, 1)

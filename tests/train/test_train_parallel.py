@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moe.train.parallel import ParallelPlan
+from moe.train.strategies import strategy_class
 
 from train_runs import run_moe_train
 
@@ -92,9 +92,9 @@ def test_plan_rejects_bad_layouts():
     import torch
 
     with pytest.raises(ValueError, match="world size 2 must be a multiple of ep_size=4"):
-        ParallelPlan("ddp", 4, 2, torch.device("cpu"))
+        strategy_class("ddp")(4, 2, torch.device("cpu"))
     with pytest.raises(ValueError, match="trainer.strategy='zero9' is not valid"):
-        ParallelPlan("zero9", 1, 2, torch.device("cpu"))
+        strategy_class("zero9")
 
 
 @pytest.mark.distributed

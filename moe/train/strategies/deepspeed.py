@@ -1,7 +1,7 @@
 """``trainer.strategy=deepspeed``: DeepSpeed ZeRO stage 1 or 2, combined with expert parallelism.
 
 The DeepSpeed engine owns the backward pass, gradient reduction, accumulation, clipping and the optimizer
-step; the loop calls it through the ``ParallelPlan`` hooks. With ``parallel.ep_size = P > 1``:
+step; the loop calls it through the ``Strategy`` interface. With ``parallel.ep_size = P > 1``:
 
 - each expert parameter is marked as DeepSpeed marks its own MoE parameters (``allreduce = False``,
   ``group_name = "ep_size_P"``), the optimizer's parameter groups are split with DeepSpeed's
@@ -12,7 +12,8 @@ step; the loop calls it through the ``ParallelPlan`` hooks. With ``parallel.ep_s
   sums expert gradients over the expert-data-parallel group only: the rule of
   ``moe.parallel.all_reduce_gradients`` (tests compare the loss curve with DDP to 1e-4);
 - the global gradient norm sums dense partitions over the world and expert partitions over the world
-  (each expert once), the norm ``moe.parallel.clip_grad_norm_`` uses, and a non-finite norm skips the update.
+  (each expert once), the norm ``moe.parallel.clip_grad_norm_`` uses. ZeRO checks that norm before it
+  updates anything and skips a step whose norm is not finite; ``step`` then raises ``NonFiniteGradientError``.
 
 DeepSpeed only recognises its own MoE layers, so the engine here is a ``DeepSpeedEngine`` subclass that
 declares the model's MoE layers. Precision stays the trainer's: fp32 master weights in ZeRO's fp32 mode,
@@ -35,7 +36,7 @@ from moe.parallel import (
     expert_parameters,
     gather_expert_tensor,
 )
-from moe.train.parallel import ParallelPlan
+from moe.train.strategies.base import NonFiniteGradientError, Strategy
 
 ZERO_STAGES = (1, 2)
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -73,12 +74,14 @@ def _engine_class(num_experts: list[int]):
     return ExpertParallelEngine
 
 
-class DeepSpeedPlan(ParallelPlan):
+class DeepSpeedStrategy(Strategy):
     """ZeRO stage 1 or 2 over all ranks, with experts sharded over EP groups when ``ep_size > 1``.
 
     Needs at least two processes (under torchrun). ``micro_batch_size`` (sequences per rank and
     micro-batch), ``grad_accum`` and ``grad_clip`` (0 = no clipping) go into the DeepSpeed config.
     """
+
+    name = "deepspeed"
 
     def __init__(
         self,
@@ -99,14 +102,25 @@ class DeepSpeedPlan(ParallelPlan):
                 f"{world_size}; with one process use trainer.strategy=ddp"
             )
         import_deepspeed()
-        super().__init__("deepspeed", ep_size, world_size, device)
+        super().__init__(ep_size, world_size, device)
         self.zero_stage = zero_stage
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
         self.engine = None
         self._group_sources: list[int] = []
-        self._canonical: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int, device: torch.device) -> DeepSpeedStrategy:
+        return cls(
+            cfg.parallel.ep_size,
+            world_size,
+            device,
+            zero_stage=cfg.trainer.zero_stage,
+            micro_batch_size=cfg.data.batch_size,
+            grad_accum=cfg.trainer.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+        )
 
     @property
     def group_name(self) -> str:
@@ -142,7 +156,7 @@ class DeepSpeedPlan(ParallelPlan):
             )
 
     def deepspeed_config(self) -> dict:
-        """The DeepSpeed config this plan runs with (ZeRO stage, batch sizes, clipping; fp32 optimizer)."""
+        """The DeepSpeed config this strategy runs with (ZeRO stage, batch sizes, clipping; fp32 optimizer)."""
         return {
             "train_micro_batch_size_per_gpu": self.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum,
@@ -156,7 +170,8 @@ class DeepSpeedPlan(ParallelPlan):
 
         ``optimizer`` (the trainer's AdamW, never stepped here) keeps the parameter order and
         hyper-parameters of the checkpoint format and receives the LR schedule; the engine steps a copy
-        of it whose groups are split into dense and expert groups. Collective.
+        of it whose groups are split into dense and expert groups (``step`` copies the hyper-parameters
+        over). Collective.
         """
         import deepspeed
         from deepspeed.moe.utils import (
@@ -199,7 +214,6 @@ class DeepSpeedPlan(ParallelPlan):
             config_class=DeepSpeedConfig(config, None),
             dist_init_required=False,
         )
-        self._canonical = optimizer
         return self.engine
 
     def accumulate(self, model: nn.Module, last_micro: bool):
@@ -211,24 +225,22 @@ class DeepSpeedPlan(ParallelPlan):
         """``engine.backward`` on a loss the loop has already divided by the number of micro-batches."""
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def finish_gradients(self, model: nn.Module) -> None:
-        """Nothing: ZeRO reduces the gradients (dense over the world, experts over their EDP group)."""
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """``engine.step()``: clip by the global norm and apply the update; returns that norm (inf when it was
-        not finite, and then DeepSpeed skipped the update). ``max_norm`` must be the configured clip."""
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        """``engine.step()`` with ``optimizer``'s hyper-parameters (the schedule writes them there): ZeRO
+        reduced the gradients in backward; the engine computes the global norm, skips the update when it is
+        not finite (checked before any weight changes) and otherwise clips and applies it. Raises
+        ``NonFiniteGradientError`` after a skipped step. ``max_norm`` must be the configured clip."""
         configured = self.grad_clip if self.grad_clip > 0 else float("inf")
         if max_norm != configured:
             raise ValueError(f"max_norm={max_norm} differs from the engine's gradient_clipping={self.grad_clip}")
         for group, source in zip(self.engine.optimizer.param_groups, self._group_sources):
             for key in HYPERPARAMETERS:
-                group[key] = self._canonical.param_groups[source][key]
+                group[key] = optimizer.param_groups[source][key]
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("inf") if norm is None else norm, dtype=torch.float32).reshape(())
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing: ``engine.step()`` (in ``clip_grad_norm``) applied the update."""
+        if norm is None or not torch.isfinite(torch.as_tensor(norm)):
+            raise NonFiniteGradientError(float("inf") if norm is None else float(norm))
+        return torch.as_tensor(norm, dtype=torch.float32).reshape(())
 
     def load_model_state(self, model: nn.Module, state: dict) -> None:
         """Load a state dict saved by any layout, then refresh ZeRO's fp32 master partitions from it."""
