@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -56,6 +57,9 @@ def _results(path: Path) -> list[dict]:
 
 
 def _commit() -> str:
+    """The checked commit: ``$GPU_CHECK_COMMIT`` when set (a copied tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("GPU_CHECK_COMMIT"):
+        return os.environ["GPU_CHECK_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
@@ -67,7 +71,7 @@ def _commit() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="results folder (must not exist)")
-    parser.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k kernels' (default: all)")
+    parser.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-n 8' with pytest-xdist")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed for each of the three stages")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
