@@ -119,3 +119,14 @@ def test_gpu_compiled_gpt_with_kernels_trains_like_eager_across_three_batch_shap
     eager_losses, compiled_losses = torch.tensor(losses[0]), torch.tensor(losses[1])
     assert eager_losses[-1] < eager_losses[0]
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=2e-2, atol=2e-2)
+
+
+def test_opcheck_half_gate_logits():
+    from moe.kernels import half_gate_logits
+
+    x = torch.randn(6, 8, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(4, 8, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.moe.half_gate_logits, (x, weight))
+    logits = half_gate_logits(x, weight)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, x.float() @ weight.float().t(), rtol=1e-5, atol=1e-5)
