@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-DATA_SOURCES = ("stdlib", "text", "bin")
+DATA_SOURCES = ("stdlib", "text", "bin", "prepared")
 BIN_DTYPES = ("uint16", "uint32")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -119,7 +119,9 @@ class DataSchema:
     """Token source, cache and batch shape.
 
     ``source``: "stdlib" (this Python's standard library, bytes), "text" (``path`` = a file or folder,
-    bytes) or "bin" (``path`` = pre-tokenised memmap of ``dtype``; ``val_path`` or ``val_fraction``).
+    bytes), "bin" (``path`` = pre-tokenised memmap of ``dtype``; ``val_path`` or ``val_fraction``) or
+    "prepared" (``path`` = a ``moe-prepare`` folder; vocabulary and dtype come from its meta.json, and
+    ``vocab_size``, if set, may only pad the vocabulary).
     ``cache_dir``: where byte caches live (None: ``$MOE_CACHE`` or ``~/.cache/moe``).
     ``batch_size`` is the micro-batch per rank; one optimizer step sees
     ``batch_size * world_size * trainer.grad_accum`` sequences.
@@ -138,7 +140,7 @@ class DataSchema:
     def __post_init__(self):
         _choice("data.source", self.source, DATA_SOURCES)
         _choice("data.dtype", self.dtype, BIN_DTYPES)
-        if self.source in ("text", "bin") and not self.path:
+        if self.source in ("text", "bin", "prepared") and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
         if self.source == "bin" and self.vocab_size is None:
             raise ValueError("data.vocab_size is required when data.source='bin'")
