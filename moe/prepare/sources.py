@@ -213,7 +213,8 @@ def _jsonl_corpus(path: Path, files: list[Path], val_fraction: float, text_field
                     row, index = index, index + 1
                     if raw.strip():
                         text = _record_text(raw, file, line, text_field)
-                        yield Piece(VAL if split.is_val(row) else TRAIN, text, True, len(raw))
+                        if text:
+                            yield Piece(VAL if split.is_val(row) else TRAIN, text, True, len(raw))
 
     total = sum(f.stat().st_size for f in files)
     return Corpus("jsonl", path, root, files, split.rule(), total, "B", text_field, read)
