@@ -119,6 +119,7 @@ class MoELayer(nn.Module):
             raise ValueError("shared_expert_gate=True needs shared_experts > 0 or shared_ffn_hidden_size")
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: RoutingStats | None = None
+        self.last_routing = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Route, run the experts and combine; ``token_ids`` (x's leading shape) feed the hash router."""
@@ -136,6 +137,7 @@ class MoELayer(nn.Module):
                 shared = shared * torch.sigmoid(self.shared_expert_gate(flat))
             out = out + shared
         self.aux_loss = routing.aux_loss
+        self.last_routing = routing
         self.last_stats = RoutingStats(
             tokens_per_expert=routing.tokens_per_expert.detach(),
             dropped_fraction=routing.dropped_fraction,

@@ -86,3 +86,18 @@ def test_data_source_prepared_needs_a_path():
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"data": {"source": "prepared"}})
     with pytest.raises(ValueError, match="data.path is required when data.source='prepared'"):
         validate(cfg)
+
+
+def test_inspect_spells_prepared_tokens_with_the_run_tokenizer(prepared):
+    from tokenizers import Tokenizer
+
+    from moe.inspect.run import token_speller
+
+    spell = token_speller(prepare_tokens(prepared, kind="prepared"))
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    merged = max(tokenizer.get_vocab().values())
+    assert spell(merged) == tokenizer.decode([merged]).replace(" ", "·").replace("\n", "\\n")
+    assert spell(0) == "<|endoftext|>"
+    # Byte 0xC3 alone is half a UTF-8 character: its vocabulary entry is shown instead of U+FFFD.
+    half = tokenizer.token_to_id("Ã")
+    assert spell(half) == "Ã"
