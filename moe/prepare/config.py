@@ -22,7 +22,7 @@ class PrepareConfig:
     datasets; ``split``: which split of a saved ``DatasetDict``; ``suffixes``: which files of a text folder
     (default: every non-hidden file). ``tokenizer``: a ``tokenizer.json`` or its folder to use as is;
     without it a byte-level BPE of ``vocab_size`` tokens (default 8192) is trained on the training split
-    (on its first ``tokenizer_train_bytes`` bytes when set). ``eot_token`` closes every document.
+    (on its first ``tokenizer_train_chars`` characters when set). ``eot_token`` closes every document.
     ``workers``: tokenising processes (default: the CPUs this process may use).
     """
 
@@ -34,7 +34,7 @@ class PrepareConfig:
     suffixes: list[str] | None = None
     tokenizer: str | None = None
     vocab_size: int | None = None
-    tokenizer_train_bytes: int | None = None
+    tokenizer_train_chars: int | None = None
     eot_token: str = DEFAULT_EOT
     val_fraction: float = 0.05
     workers: int | None = None
@@ -57,7 +57,7 @@ class PrepareConfig:
                 f"vocab_size={self.vocab_size} is not valid: a byte-level BPE needs the 256 bytes plus the "
                 f"end-of-text token, so vocab_size must be in [{smallest}, {MAX_VOCAB_SIZE}]"
             )
-        for key in ("workers", "tokenizer_train_bytes"):
+        for key in ("workers", "tokenizer_train_chars"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value} is not valid; it must be >= 1")

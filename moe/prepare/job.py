@@ -92,13 +92,13 @@ def prepare(cfg: PrepareConfig) -> dict:
         tokenizer, tokenizer_file = load_tokenizer(Path(cfg.tokenizer).expanduser())
         origin = {"origin": "loaded", "path": str(tokenizer_file.resolve()), "sha256": file_sha256(tokenizer_file)}
     else:
-        tokenizer = train_bpe(_training_texts(corpus, cfg.tokenizer_train_bytes), cfg.trained_vocab_size, cfg.eot_token)
+        tokenizer = train_bpe(_training_texts(corpus, cfg.tokenizer_train_chars), cfg.trained_vocab_size, cfg.eot_token)
         origin = {
             "origin": "trained",
             "type": "byte-level BPE (Hugging Face tokenizers)",
             "requested_vocab_size": cfg.trained_vocab_size,
             "trained_on": "the training split"
-            + (f", its first {cfg.tokenizer_train_bytes} characters" if cfg.tokenizer_train_bytes else ""),
+            + (f", its first {cfg.tokenizer_train_chars} characters" if cfg.tokenizer_train_chars else ""),
         }
     eot = eot_id(tokenizer, cfg.eot_token)
     vocab_size = vocabulary_size(tokenizer)

@@ -55,7 +55,7 @@ class RowSplit:
 
     def rule(self) -> str:
         return (
-            f"by document: document i (0-based, in input order) is validation when splitmix64(i) / 2^64 < "
+            f"by document: document i (0-based, in input order) is validation when (splitmix64(i) >> 11) / 2^53 < "
             f"{self.val_fraction}; at least one document in each split"
         )
 

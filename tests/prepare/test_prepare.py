@@ -282,3 +282,16 @@ def test_cli_writes_the_folder_and_prints_the_counts(tmp_path, monkeypatch, caps
     assert f"vocab {meta['vocab_size']:,} (uint16)" in stdout
     assert f"train {meta['splits']['train']['tokens']:,} tokens" in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.txt", "out"]
+
+
+def test_tokenizer_trains_on_the_first_characters_when_limited(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.txt").write_text(("abab " if i < 3 else "xyxy ") * 200)
+    meta = run(folder, tmp_path / "out", vocab_size=300, tokenizer_train_chars=500, val_fraction=0.2)
+    assert meta["tokenizer"]["trained_on"] == "the training split, its first 500 characters"
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).get_vocab()
+    assert "ab" in vocab and "xy" not in vocab
