@@ -18,19 +18,20 @@ def entropy_bits(p: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerRoutingStats:
-    """Sums over every token a layer routed: (expert, token id) pair counts, per-token router entropy,
-    expert loads and expert co-selection counts."""
+    """Sums over every token a layer routed: (expert, token id) pairs, per-token router entropy, expert loads
+    and expert co-selection counts. The pairs are kept as a list of ids (memory grows with the tokens
+    inspected, not with experts x vocabulary)."""
 
     num_experts: int
     vocab_size: int
     tokens: int = 0
     entropy_sum: float = 0.0
-    pair_counts: torch.Tensor = field(init=False)
+    pair_ids: list[torch.Tensor] = field(init=False)
     token_counts: torch.Tensor = field(init=False)
     coselection: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        self.pair_counts = torch.zeros(self.num_experts, self.vocab_size, dtype=torch.int64)
+        self.pair_ids = []
         self.token_counts = torch.zeros(self.vocab_size, dtype=torch.int64)
         self.coselection = torch.zeros(self.num_experts, self.num_experts, dtype=torch.int64)
 
@@ -42,8 +43,7 @@ class LayerRoutingStats:
         self.tokens += routing.num_tokens
         self.entropy_sum += float(entropy_bits(probabilities).sum())
         self.token_counts += torch.bincount(token_ids, minlength=self.vocab_size)
-        flat = expert_index * self.vocab_size + token_ids[token_index]
-        self.pair_counts += torch.bincount(flat, minlength=self.num_experts * self.vocab_size).view_as(self.pair_counts)
+        self.pair_ids.append(expert_index * self.vocab_size + token_ids[token_index])
         chosen = torch.zeros(routing.num_tokens, self.num_experts, dtype=torch.int64)
         chosen[token_index, expert_index] = 1
         self.coselection += chosen.T @ chosen
@@ -75,9 +75,13 @@ class LayerRoutingStats:
     def top_tokens(self, count: int) -> list[list[tuple[int, int, float]]]:
         """Per expert, its ``count`` most frequent token ids as (id, pairs, share of that token's occurrences
         routed to this expert), most frequent first (ties: smaller id first)."""
+        pairs, counts = torch.unique(torch.cat(self.pair_ids), return_counts=True)
+        experts, tokens = pairs // self.vocab_size, pairs % self.vocab_size
         result = []
-        for row in self.pair_counts:
-            order = torch.sort(row, descending=True, stable=True).indices[:count].tolist()
-            top = [i for i in order if row[i] > 0]
-            result.append([(i, int(row[i]), float(row[i]) / int(self.token_counts[i])) for i in top])
+        for e in range(self.num_experts):
+            mine_tokens, mine_counts = tokens[experts == e], counts[experts == e]
+            # unique() sorts the ids, so a stable sort by count keeps smaller token ids first among ties.
+            order = torch.sort(mine_counts, descending=True, stable=True).indices[:count].tolist()
+            chosen = [(int(mine_tokens[i]), int(mine_counts[i])) for i in order]
+            result.append([(t, n, n / int(self.token_counts[t])) for t, n in chosen])
         return result
