@@ -44,14 +44,20 @@ class RowSplit:
             largest = max(largest, (float(keys.max()), start + int(keys.argmax())))
         self.forced_val = smallest[1] if num_val == 0 else None
         self.forced_train = largest[1] if num_val == num_rows else None
+        self._block, self._block_is_val = -1, None
 
     def is_val(self, index: int) -> bool:
-        """Whether document ``index`` belongs to validation."""
+        """Whether document ``index`` belongs to validation (cheap for indices read in order)."""
         if index == self.forced_val:
             return True
         if index == self.forced_train:
             return False
-        return bool(row_keys(np.array([index]))[0] < self.val_fraction)
+        block, offset = divmod(index, KEY_BLOCK)
+        if block != self._block:
+            start = block * KEY_BLOCK
+            self._block = block
+            self._block_is_val = row_keys(np.arange(start, min(self.num_rows, start + KEY_BLOCK))) < self.val_fraction
+        return bool(self._block_is_val[offset])
 
     def rule(self) -> str:
         return (

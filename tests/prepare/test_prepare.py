@@ -295,3 +295,21 @@ def test_tokenizer_trains_on_the_first_characters_when_limited(tmp_path):
 
     vocab = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).get_vocab()
     assert "ab" in vocab and "xy" not in vocab
+
+
+def test_row_split_matches_the_reference_key_and_keeps_both_splits_non_empty():
+    from moe.prepare.split import KEY_BLOCK, RowSplit
+
+    split = RowSplit(KEY_BLOCK + 50, 0.1)
+    for index in [0, 1, 2, 17, KEY_BLOCK - 1, KEY_BLOCK, KEY_BLOCK + 49, 5]:
+        assert split.is_val(index) == (splitmix_key(index) < 0.1), index
+    for rows, fraction in [(3, 1e-9), (2, 0.5), (5, 0.5), (4, 0.3), (30, 0.2)]:
+        keys = [splitmix_key(i) for i in range(rows)]
+        val = [k < fraction for k in keys]
+        if not any(val):
+            val[keys.index(min(keys))] = True
+        if all(val):
+            val[keys.index(max(keys))] = False
+        assert [RowSplit(rows, fraction).is_val(i) for i in range(rows)] == val, (rows, fraction)
+    with pytest.raises(PrepareError, match="at least 2 documents, the input has 1"):
+        RowSplit(1, 0.1)
