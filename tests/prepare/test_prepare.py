@@ -313,3 +313,19 @@ def test_row_split_matches_the_reference_key_and_keeps_both_splits_non_empty():
         assert [RowSplit(rows, fraction).is_val(i) for i in range(rows)] == val, (rows, fraction)
     with pytest.raises(PrepareError, match="at least 2 documents, the input has 1"):
         RowSplit(1, 0.1)
+
+
+def test_ctrl_c_midway_leaves_neither_the_output_nor_its_staging_folder(tmp_path, monkeypatch):
+    from moe.prepare import encode
+
+    (tmp_path / "a.txt").write_text("text to tokenise\n" * 200)
+
+    def interrupted(self, encoded, on_progress):
+        next(iter(encoded))
+        (self.paths[0]).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode.SplitFiles, "write_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "a.txt", tmp_path / "out", vocab_size=280)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
