@@ -22,9 +22,12 @@ setup(
             "ruff",
             "pytest-timeout",
             "transformers>=5",
+            "datasets>=2.14",
+            "tokenizers>=0.15",
             "triton>=3.6; platform_system == 'Linux'",  # CPU tests run the kernels under TRITON_INTERPRET=1
         ],
         "train": ["hydra-core>=1.3", "wandb", "tqdm", "matplotlib", "safetensors"],
+        "data": ["datasets>=2.14", "tokenizers>=0.15", "hydra-core>=1.3", "tqdm"],  # moe-prepare
         "slurm": ["hydra-submitit-launcher>=1.2"],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],  # moe.train.deepspeed_strategy uses engine internals of 0.19
         "compress": ["scipy>=1.10"],
@@ -35,6 +38,8 @@ setup(
             "moe-train=moe.train:main",
             "moe-report=moe.report:main",
             "moe-compress=moe.compress.cli:main",
+            "moe-prepare=moe.prepare:main",
+            "moe-inspect=moe.inspect:main",
         ]
     },
 )

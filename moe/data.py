@@ -7,6 +7,8 @@ Sources (``prepare_tokens``):
   (vocabulary 256). See ``default_corpus_files`` for which files count.
 - a text file or a folder of files: byte-level; a folder contributes every non-hidden regular file.
 - a pre-tokenised ``.bin`` file: a flat array of uint16 or uint32 token ids, memory-mapped in place.
+- a folder written by ``moe-prepare`` (``kind="prepared"``): its ``train.bin`` / ``val.bin``, with the
+  vocabulary, dtype, tokenizer and bytes per token read from its ``meta.json``.
 
 Byte corpora of several files are split by file (a file lands wholly in train or in validation, decided
 by a hash of its relative path); a single text file is split by position (its last ``val_fraction`` of
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 BIN_DTYPES = ("uint16", "uint32")
-SOURCE_KINDS = ("auto", "stdlib", "text", "bin")
+SOURCE_KINDS = ("auto", "stdlib", "text", "bin", "prepared")
 # Bumped whenever the split rule or cache layout changes, so old caches are not reused.
 CACHE_FORMAT = 1
 # Parts of the standard library left out of the default corpus: installed third-party packages and
@@ -42,12 +44,19 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 
 @dataclass
 class TokenSplits:
-    """Train and validation token streams (read-only memory maps) and the vocabulary they use."""
+    """Train and validation token streams (read-only memory maps) and the vocabulary they use.
+
+    ``bytes_per_token``: text bytes per token of the validation split (1 for bytes; None when unknown, as
+    for a bare ``.bin``), which turns a loss per token into bits per byte. ``tokenizer_path``: the
+    ``tokenizer.json`` that decodes the ids (None for bytes and bare ``.bin`` files).
+    """
 
     train: np.memmap
     val: np.memmap
     vocab_size: int
     is_bytes: bool
+    bytes_per_token: float | None = None
+    tokenizer_path: Path | None = None
 
 
 def default_cache_dir() -> Path:
@@ -75,7 +84,7 @@ def default_corpus_files(root: str | os.PathLike | None = None) -> list[Path]:
     return sorted(path for path in files if path.is_file())
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def folder_files(folder: Path) -> list[Path]:
     """Every non-hidden regular file below ``folder`` (hidden folders skipped), sorted."""
     files = []
     for path in folder.rglob("*"):
@@ -210,7 +219,7 @@ def _byte_splits(kind: str, root: Path, files: list[Path], cache_dir: Path, val_
         _atomic_write_json(meta_path, meta)
     train = _open_tokens(train_path, "uint8", "train")
     val = _open_tokens(val_path, "uint8", "validation")
-    return TokenSplits(train=train, val=val, vocab_size=256, is_bytes=True)
+    return TokenSplits(train=train, val=val, vocab_size=256, is_bytes=True, bytes_per_token=1.0)
 
 
 def _bin_splits(
@@ -251,6 +260,40 @@ def _bin_splits(
     return TokenSplits(train=train, val=val, vocab_size=vocab_size, is_bytes=False)
 
 
+def _prepared_splits(folder: Path, vocab_size: int | None) -> TokenSplits:
+    """Memory-map a ``moe-prepare`` folder, checking its files against its ``meta.json``."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"data source {str(folder)!r} has no meta.json; write it with moe-prepare input=... out=...")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    dtype = meta["dtype"]
+    if dtype not in BIN_DTYPES:
+        raise ValueError(f"{meta_path} names dtype {dtype!r}; valid: {BIN_DTYPES}")
+    itemsize = np.dtype(dtype).itemsize
+    splits = {}
+    for name in ("train", "val"):
+        info = meta["splits"][name]
+        path = folder / info["file"]
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != info["tokens"] * itemsize:
+            raise ValueError(
+                f"{path} has {actual} bytes, meta.json says {info['tokens']} {dtype} tokens; "
+                f"prepare the folder again with moe-prepare"
+            )
+        splits[name] = _open_tokens(path, dtype, name)
+    if vocab_size is not None and vocab_size < meta["vocab_size"]:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the prepared vocabulary {meta['vocab_size']}")
+    tokenizer = folder / meta["tokenizer"]["file"]
+    return TokenSplits(
+        train=splits["train"],
+        val=splits["val"],
+        vocab_size=vocab_size or meta["vocab_size"],
+        is_bytes=False,
+        bytes_per_token=meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"],
+        tokenizer_path=tokenizer if tokenizer.is_file() else None,
+    )
+
+
 def prepare_tokens(
     source: str | os.PathLike = "stdlib",
     cache_dir: str | os.PathLike | None = None,
@@ -264,7 +307,8 @@ def prepare_tokens(
     """Open a corpus as train/val token memory maps, building the byte cache on first use.
 
     Args:
-        source: ``"stdlib"``, a text file or folder (byte-level), or a pre-tokenised ``.bin``.
+        source: ``"stdlib"``, a text file or folder (byte-level), a pre-tokenised ``.bin``, or a
+            ``moe-prepare`` folder (with ``kind="prepared"``).
         cache_dir: where byte caches live (default ``default_cache_dir()``); ``.bin`` files are not copied.
         val_fraction: share of files (bytes) or of tokens (``.bin`` without ``val_source``, taken from the end)
             that goes to validation.
@@ -272,7 +316,8 @@ def prepare_tokens(
         val_source: a separate validation ``.bin``; then all of ``source`` is training data.
         vocab_size: vocabulary of a ``.bin`` (default: largest token id + 1, one pass over the data).
         kind: ``"auto"`` (``"stdlib"`` by name, a ``.bin`` by suffix, else text), or force ``"stdlib"``,
-            ``"text"`` or ``"bin"`` (a token file without the ``.bin`` suffix).
+            ``"text"``, ``"bin"`` (a token file without the ``.bin`` suffix) or ``"prepared"`` (a
+            ``moe-prepare`` folder; ``vocab_size`` may pad its vocabulary, never shrink it).
 
     Cost: the first call for a byte source reads and writes the corpus once (a few seconds for the
     stdlib); later calls only stat the files.
@@ -289,12 +334,14 @@ def prepare_tokens(
         raise ValueError(
             f"data source {str(source)!r} does not exist (expected 'stdlib', a text file or folder, or a .bin)"
         )
+    if kind == "prepared":
+        return _prepared_splits(path, vocab_size)
     if kind == "bin" or (kind == "auto" and path.suffix == ".bin"):
         return _bin_splits(path, val_source, dtype, val_fraction, vocab_size)
     if val_source is not None:
         raise ValueError(f"val_source={str(val_source)!r} is only for pre-tokenised .bin sources, not {str(source)!r}")
     if path.is_dir():
-        return _byte_splits("text", path, _folder_files(path), cache_dir, val_fraction)
+        return _byte_splits("text", path, folder_files(path), cache_dir, val_fraction)
     return _byte_splits("text", path.parent, [path], cache_dir, val_fraction)
 
 

@@ -2,7 +2,8 @@
 
 Every directory below SWEEP_DIR with a ``metrics.jsonl`` is a run; its label is its Hydra overrides
 (``.hydra/overrides.yaml``) or, failing that, its path. Writes ``report.md`` and ``loss_curves.png``
-into SWEEP_DIR (or ``--out``) and prints the table.
+into SWEEP_DIR (or ``--out``) and prints the table; ``report.md`` links each run's ``moe-inspect``
+report and figures where they exist.
 """
 
 from __future__ import annotations
@@ -120,6 +121,20 @@ def plot_losses(rows: list[dict], out_path: Path) -> Path:
     return out_path
 
 
+def inspect_links(rows: list[dict], out_dir: Path) -> str:
+    """A markdown list linking each run's ``inspect/report.md`` and figures (``moe-inspect``), "" if none has one."""
+    lines = []
+    for row in rows:
+        folder = row["path"] / "inspect"
+        if not (folder / "report.md").is_file():
+            continue
+        links = [f"[report]({Path(os.path.relpath(folder / 'report.md', out_dir)).as_posix()})"]
+        for figure in sorted(folder.glob("*.png")):
+            links.append(f"[{figure.stem}]({Path(os.path.relpath(figure, out_dir)).as_posix()})")
+        lines.append(f"- {row['run']}: " + ", ".join(links))
+    return "## Inside the runs (moe-inspect)\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def report(sweep_dir: Path, out_dir: Path | None = None) -> str:
     """Write report.md and loss_curves.png for the runs under ``sweep_dir``; return the markdown."""
     sweep_dir = Path(sweep_dir)
@@ -137,6 +152,9 @@ def report(sweep_dir: Path, out_dir: Path | None = None) -> str:
         table = f"Common overrides: `{' '.join(shared)}`\n\n{table}"
     plot = plot_losses(rows, out_dir / "loss_curves.png")
     text = f"# Sweep {sweep_dir}\n\n{table}\n![loss curves]({plot.name})\n"
+    links = inspect_links(rows, out_dir)
+    if links:
+        text += f"\n{links}"
     tmp = out_dir / ".report.md.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out_dir / "report.md")

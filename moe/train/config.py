@@ -20,7 +20,7 @@ from moe.train.strategies import STRATEGIES
 from moe.train.strategies.deepspeed import ZERO_STAGES
 from moe.validation import ConfigValueError, check_at_least, check_choice, check_in_range
 
-DATA_SOURCES = ("stdlib", "text", "bin")
+DATA_SOURCES = ("stdlib", "text", "bin", "prepared")
 BIN_DTYPES = ("uint16", "uint32")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -88,7 +88,9 @@ class DataSchema:
     """Token source, cache and batch shape.
 
     ``source``: "stdlib" (this Python's standard library, bytes), "text" (``path`` = a file or folder,
-    bytes) or "bin" (``path`` = pre-tokenised memmap of ``dtype``; ``val_path`` or ``val_fraction``).
+    bytes), "bin" (``path`` = pre-tokenised memmap of ``dtype``; ``val_path`` or ``val_fraction``) or
+    "prepared" (``path`` = a ``moe-prepare`` folder; vocabulary and dtype come from its meta.json, and
+    ``vocab_size``, if set, may only pad the vocabulary).
     ``cache_dir``: where byte caches live (None: ``$MOE_CACHE`` or ``~/.cache/moe``).
     ``batch_size`` is the micro-batch per rank; one optimizer step sees
     ``batch_size * world_size * trainer.grad_accum`` sequences.
@@ -107,7 +109,7 @@ class DataSchema:
     def __post_init__(self):
         check_choice("data.source", self.source, DATA_SOURCES)
         check_choice("data.dtype", self.dtype, BIN_DTYPES)
-        if self.source in ("text", "bin") and not self.path:
+        if self.source in ("text", "bin", "prepared") and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
         if self.source == "bin" and self.vocab_size is None:
             raise ValueError("data.vocab_size is required when data.source='bin'")

@@ -130,7 +130,7 @@ def plot_expert_load(metrics_path: Path, out_path: Path) -> Path | None:
     layers = list(records[0]["expert_load"])
     steps = [r["step"] for r in records]
     first, last = (steps[0], steps[-1]) if len(steps) > 1 else (steps[0] - 0.5, steps[0] + 0.5)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.1 * len(layers)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.2 + 1.4 * len(layers)), squeeze=False, sharex=True)
     for ax, layer in zip(axes[:, 0], layers):
         load = np.array([r["expert_load"][layer] for r in records]).T
         image = ax.imshow(
@@ -140,8 +140,10 @@ def plot_expert_load(metrics_path: Path, out_path: Path) -> Path | None:
             cmap="viridis",
             extent=(first, last, load.shape[0] - 0.5, -0.5),
         )
-        ax.set_ylabel(layer, rotation=0, ha="right", fontsize=8)
-        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+        ax.set_title(layer, fontsize=9, loc="left")
+        ax.set_ylabel("expert")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).set_label("share", fontsize=8)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle("share of routed tokens per expert (rows) over training")
     fig.tight_layout()

@@ -120,6 +120,8 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext):
     kwargs = {"val_fraction": d.val_fraction}
     if d.source == "bin":
         kwargs.update(dtype=d.dtype, val_source=d.val_path, vocab_size=d.vocab_size)
+    if d.source == "prepared":
+        kwargs.update(kind="prepared", vocab_size=d.vocab_size)
     cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else None
     if ctx.distributed and not ctx.is_main:
         dist.barrier()
@@ -445,7 +447,7 @@ def _log_train(run: Run, result: StepResult) -> None:
 
 def _evaluate(run: Run) -> None:
     run.val_loss = evaluate(run.raw_model, run.cfg, run.splits.val, run.ctx)
-    run.logger.write(_eval_record(run.step, run.val_loss, run.splits.is_bytes))
+    run.logger.write(_eval_record(run.step, run.val_loss, run.splits.bytes_per_token))
 
 
 def _save(run: Run) -> None:
@@ -481,8 +483,12 @@ def _finish(run: Run) -> dict:
         "train_time_s": round(run.train_time, 2),
         "tokens_per_s": round(run.tokens_seen / run.train_time, 1) if run.train_time > 0 else None,
         "final_val_loss": val_loss,
-        "val_bits_per_byte": val_loss / math.log(2) if splits.is_bytes and val_loss is not None else None,
-        "val_unigram_entropy_bits": unigram_entropy_bits(splits.val) if splits.is_bytes else None,
+        "val_bits_per_byte": bits_per_byte(val_loss, splits.bytes_per_token) if val_loss is not None else None,
+        # A unigram model of the tokens, per byte: the baseline the bits per byte are compared with.
+        "val_unigram_entropy_bits": (
+            unigram_entropy_bits(splits.val) / splits.bytes_per_token if splits.bytes_per_token else None
+        ),
+        "tokenizer": str(splits.tokenizer_path) if splits.tokenizer_path else None,
         "num_params": run.raw_model.num_params(),
         "num_active_params": run.raw_model.num_active_params(),
         "world_size": run.ctx.world_size,
@@ -498,12 +504,17 @@ def _finish(run: Run) -> dict:
     return summary
 
 
-def _eval_record(step: int, val_loss: float, is_bytes: bool) -> dict:
+def bits_per_byte(loss: float, bytes_per_token: float | None) -> float | None:
+    """A loss in nats per token as bits per byte of text (None when the bytes per token are unknown)."""
+    return loss / math.log(2) / bytes_per_token if bytes_per_token else None
+
+
+def _eval_record(step: int, val_loss: float, bytes_per_token: float | None) -> dict:
     return {
         "kind": "eval",
         "step": step,
         "val_loss": val_loss,
-        "val_bits_per_byte": val_loss / math.log(2) if is_bytes else None,
+        "val_bits_per_byte": bits_per_byte(val_loss, bytes_per_token),
     }
 
 

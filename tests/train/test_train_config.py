@@ -31,7 +31,7 @@ def _compose(overrides=(), hydra_config=False):
 def test_group_files_match_the_listed_options():
     for group, options in GROUPS.items():
         on_disk = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-        assert on_disk == sorted(options + (["text", "bin"] if group == "data" else [])), group
+        assert on_disk == sorted(options + (["text", "bin", "prepared"] if group == "data" else [])), group
 
 
 def test_default_composes_to_the_tiny_topk_model():

@@ -1,0 +1,5 @@
+"""``python -m moe.inspect`` = ``moe-inspect``."""
+
+from moe.inspect import main
+
+main()

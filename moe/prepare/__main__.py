@@ -1,0 +1,5 @@
+"""``python -m moe.prepare`` = ``moe-prepare``."""
+
+from moe.prepare import main
+
+main()
