@@ -35,6 +35,8 @@ setup(
             "moe-train=moe.train:main",
             "moe-report=moe.report:main",
             "moe-compress=moe.compress.cli:main",
+            "moe-generate=moe.generate_cli:main",
+            "moe-export=moe.export_cli:main",
         ]
     },
 )

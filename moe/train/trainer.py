@@ -38,6 +38,7 @@ from moe.train.checkpoint import (
 from moe.train.config import TrainConfig, architecture, to_dict
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
 from moe.train.parallel import ParallelPlan, export_submitit_env, make_plan
+from moe.train.sample import log_sample
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -461,6 +462,7 @@ def _finish(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: dict, ar
     summary["final_load_imbalance"] = last_train[-1]["load_imbalance"] if last_train else None
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     logger.message(format_summary(summary, run_dir))
+    log_sample(model, cfg, run_dir, logger.message)
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:
