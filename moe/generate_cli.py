@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from moe.cli_args import parse_key_values
 from moe.generate import check_sampling, generate
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -89,15 +88,7 @@ def run_generate(gcfg: GenerateConfig) -> list[str]:
 
 def parse_args(args: list[str]) -> GenerateConfig:
     """``key=value`` arguments -> a checked ``GenerateConfig`` (ValueError naming a bad key or value)."""
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        raise ValueError(f"arguments must be key=value, got {bad}; keys: {list(GenerateConfig.__dataclass_fields__)}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(GenerateConfig), OmegaConf.from_dotlist(args))
-        gcfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ValueError(str(error).splitlines()[0]) from None
-    return gcfg
+    return parse_key_values(GenerateConfig, args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -306,6 +306,9 @@ def hf_architecture(model, architecture: str = "auto") -> str:
         raise ValueError(f"architecture={architecture!r} is not valid; valid: {['auto', *HF_ARCHITECTURES]}")
     cfg = model.cfg
     routers = _moe_routers(model)
+    target = (
+        "neither Mixtral nor Qwen2-MoE can" if architecture == "auto" else f"{HF_ARCHITECTURES[architecture]} cannot"
+    )
     if architecture == "auto":
         mixtral_shaped = len(routers) == cfg.num_layers and cfg.shared_experts == 0
         normalised = all(getattr(getattr(r, "source", r), "normalize_weights", False) for r in routers)
@@ -322,9 +325,8 @@ def hf_architecture(model, architecture: str = "auto") -> str:
     for router in routers[:1]:  # every layer is built from one config
         problems += export_problems(router, _BLOCK_OF[name])
     if problems:
-        raise ValueError(
-            f"{name} cannot express router={cfg.router} {cfg.router_kwargs}: {', '.join(problems)}; {EXPORTABLE}"
-        )
+        found = ", ".join(problems)
+        raise ValueError(f"{target} express router={cfg.router} {cfg.router_kwargs}: {found}; {EXPORTABLE}")
     return architecture
 
 

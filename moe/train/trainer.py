@@ -36,6 +36,7 @@ from moe.train.checkpoint import (
     set_rng_state,
 )
 from moe.train.config import TrainConfig, architecture, to_dict
+from moe.train.init_from import init_from_pretrained
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
 from moe.train.parallel import ParallelPlan, export_submitit_env, make_plan
 from moe.train.sample import log_sample
@@ -259,7 +260,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
 
     splits = prepare_data(cfg, ctx)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
-    model, raw_model, plan = wrap_model(build_model(cfg, vocab_size).to(ctx.device), cfg, ctx)
+    model = build_model(cfg, vocab_size)
+    init_from_pretrained(model, cfg)  # trainer.init_from: the weights of a Hugging Face folder
+    model, raw_model, plan = wrap_model(model.to(ctx.device), cfg, ctx)
     optimizer = build_optimizer(raw_model, cfg)
     model = plan.attach_optimizer(model, optimizer)
     decay_steps = cfg.optim.decay_steps or t_cfg.max_steps
