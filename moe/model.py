@@ -204,7 +204,7 @@ def _router_kwargs(cfg: ModelConfig) -> dict:
 
 
 class GPT(nn.Module):
-    """Decoder-only language model; ``forward(idx, targets=None) -> (logits, loss)``.
+    """Decoder-only language model; ``forward(idx, targets=None, cache=None) -> (logits, loss)``.
 
     ``idx`` (B, T) int64 with T <= ``cfg.seq_len``; logits (B, T, vocab_size); loss is the mean
     next-token cross-entropy in nats (task loss only: add ``moe.aux_loss(model)`` to train), or None

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from moe.layer import moe_layers
+from moe.train.checkpoint import CheckpointMismatchError
 from moe.train.config import TrainConfig
 
 # ModelConfig fields that decide the weights' shapes and meaning, and the moe-train key that sets each.
@@ -45,7 +46,8 @@ def _router_mismatches(model: nn.Module, source: nn.Module) -> list[str]:
 def init_from_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of the folder ``cfg.trainer.init_from`` into ``model`` (a ``GPT`` built from ``cfg``).
 
-    The folder's config must describe the same shape: every mismatched key is named in one ValueError with the
+    The folder's config must describe the same shape: every mismatched key is named in one
+    ``CheckpointMismatchError`` (a ValueError, which moe-train prints as one line) with the
     value the folder needs. ``model.seq_len`` may differ (rotary positions have no weights); router settings that
     do not change what the gate weights mean (capacity, balancing biases, jitter, loss coefficients) are free.
     Buffers the folder lacks (a balancing bias) keep their initial values. Nothing happens without init_from.
@@ -57,8 +59,13 @@ def init_from_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
 
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"trainer.init_from={folder!r} is not a Hugging Face model folder (no config.json)")
-    source, source_cfg = from_hf_model(path)
+        raise CheckpointMismatchError(
+            f"trainer.init_from={folder!r} is not a Hugging Face model folder (no config.json)"
+        )
+    try:
+        source, source_cfg = from_hf_model(path)
+    except ValueError as error:
+        raise CheckpointMismatchError(f"trainer.init_from={folder!r}: {error}") from None
     mine = model.cfg
     keys = [k for k in SHAPE_KEYS if source_cfg.moe_every or k not in ROUTING_KEYS]
     found = [
@@ -70,9 +77,12 @@ def init_from_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
         found.append(f"rope_theta={source_cfg.rope_base} (moe-train builds rope base {mine.rope_base})")
     found += _router_mismatches(model, source)
     if found:
-        raise ValueError(f"trainer.init_from={folder!r} holds a model of another shape; it needs: {', '.join(found)}")
+        needs = ", ".join(found)
+        raise CheckpointMismatchError(f"trainer.init_from={folder!r} holds a model of another shape; it needs: {needs}")
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     parameters = dict(model.named_parameters())
     missing = [k for k in missing if k in parameters]
     if missing or unexpected:
-        raise ValueError(f"trainer.init_from={folder!r}: weights missing {missing}, unexpected {unexpected}")
+        raise CheckpointMismatchError(
+            f"trainer.init_from={folder!r}: weights missing {missing}, unexpected {unexpected}"
+        )
