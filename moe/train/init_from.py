@@ -33,7 +33,7 @@ def _router_mismatches(model: nn.Module, source: nn.Module) -> list[str]:
     if not layers or not source_layers:
         return []
     router, wanted = layers[0][1].router, source_layers[0][1].router
-    if type(router) is not type(wanted):
+    if not isinstance(router, type(wanted)):  # a TopKRouter; the fused kernel router is one too
         return [f"router.name=topk (config: {model.cfg.router})"]
     found = []
     if router.score_function != wanted.score_function:
