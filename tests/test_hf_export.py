@@ -230,3 +230,15 @@ def test_training_starts_from_an_exported_folder_and_refuses_another_shape(token
         CheckpointMismatchError, match="needs: model.num_layers=2 .config: 3., model.num_experts=4 .config: 8"
     ):
         train(wrong, tmp_path / "wrong")
+
+
+def test_init_from_names_a_router_mismatch_and_a_missing_folder(tokenised_run, tmp_path):
+    run_dir, folder = tokenised_run
+    exported = load_run(run_dir)
+    data = {"source": "bin", "path": exported.cfg.data.path, "vocab_size": exported.vocab_size}
+    relu = tiny_config(tmp_path, router="relu", data=data, trainer={"init_from": str(folder)}, seq_len=32)
+    with pytest.raises(CheckpointMismatchError, match=r"it needs: router.name=topk \(config: relu\)$"):
+        train(relu, tmp_path / "relu")
+    missing = tiny_config(tmp_path, data=data, trainer={"init_from": str(tmp_path)}, seq_len=32)
+    with pytest.raises(CheckpointMismatchError, match="is not a Hugging Face model folder .no config.json."):
+        train(missing, tmp_path / "missing")
