@@ -125,8 +125,7 @@ def dense_to_hf(dense: DenseMLP, mlp: nn.Module, scale: float = 1.0) -> None:
 
 def export_problems(router, kind: str) -> list[str]:
     """What of ``router`` the transformers block ``kind`` cannot express (empty when it can express it all)."""
-    if isinstance(router, MergedRouter):
-        router = router.source
+    router = _source(router)
     if not isinstance(router, TopKRouter):
         return [f"{type(router).__name__} routing"]
     problems = []
@@ -298,6 +297,11 @@ def _moe_routers(model) -> list:
     return [layer.router for _, layer in moe_layers(model)]
 
 
+def _source(router):
+    """The router whose choices a merged layer follows (the router itself otherwise)."""
+    return router.source if isinstance(router, MergedRouter) else router
+
+
 def hf_architecture(model, architecture: str = "auto") -> str:
     """The transformers class ``model`` (a ``GPT``) exports to: ``mixtral`` when every layer is MoE with no shared
     expert and renormalised weights, else ``qwen2_moe``; ``architecture`` forces one. Raises ValueError (one line
@@ -311,7 +315,7 @@ def hf_architecture(model, architecture: str = "auto") -> str:
     )
     if architecture == "auto":
         mixtral_shaped = len(routers) == cfg.num_layers and cfg.shared_experts == 0
-        normalised = all(getattr(getattr(r, "source", r), "normalize_weights", False) for r in routers)
+        normalised = all(getattr(_source(r), "normalize_weights", False) for r in routers)
         architecture = "mixtral" if mixtral_shaped and normalised else "qwen2_moe"
     name = HF_ARCHITECTURES[architecture]
     problems = []
@@ -335,7 +339,7 @@ def _hf_config(model, architecture: str):
 
     cfg = model.cfg
     routers = _moe_routers(model)
-    router = getattr(routers[0], "source", routers[0]) if routers else None
+    router = _source(routers[0]) if routers else None
     num_experts = router.num_experts if router is not None else cfg.num_experts
     common = {
         "vocab_size": cfg.vocab_size,
@@ -426,11 +430,11 @@ def _import_problems(config, kind: str) -> list[str]:
     return problems
 
 
-def _moe_every(config, kind: str) -> int:
-    """moe.model's ``moe_every`` for the MoE layers of a transformers config (ValueError when none fits)."""
+def _moe_every(config, kind: str) -> tuple[int, str | None]:
+    """moe.model's ``moe_every`` for the MoE layers of a transformers config, and the problem when none fits."""
     layers = config.num_hidden_layers
     if kind == "MixtralForCausalLM":
-        return 1
+        return 1, None
     sparse = [
         i
         for i in range(layers)
@@ -438,8 +442,8 @@ def _moe_every(config, kind: str) -> int:
     ]
     every = sparse[0] + 1 if sparse else 0
     if sparse != [i for i in range(layers) if every and (i + 1) % every == 0]:
-        raise ValueError(f"MoE layers {sparse} are not every n-th layer, which moe.model's moe_every needs")
-    return every
+        return every, f"MoE layers {sparse} are not every n-th layer (moe_every)"
+    return every, None
 
 
 @torch.no_grad()
@@ -462,13 +466,15 @@ def from_hf_model(hf_model_or_folder) -> tuple[nn.Module, ModelConfig]:
         raise ValueError(f"{kind} is not supported; supported: {sorted(_BLOCK_OF)}")
     config, base = hf.config, hf.model
     problems = _import_problems(config, kind)
-    moe_every = _moe_every(config, kind)
+    moe_every, layout_problem = _moe_every(config, kind)
+    problems += [layout_problem] if layout_problem else []
     if kind == "MixtralForCausalLM":
         num_experts, ffn, shared, normalize = config.num_local_experts, config.intermediate_size, 0, True
         router_kwargs = {"jitter_eps": float(config.router_jitter_noise)} if config.router_jitter_noise else {}
     else:
-        num_experts, ffn, normalize = config.num_experts, config.moe_intermediate_size, bool(config.norm_topk_prob)
-        shared, rest = divmod(config.shared_expert_intermediate_size, ffn)
+        num_experts, normalize = config.num_experts, bool(config.norm_topk_prob)
+        ffn = config.moe_intermediate_size if moe_every else config.intermediate_size  # dense only: the MLP width
+        shared, rest = divmod(config.shared_expert_intermediate_size, ffn) if moe_every else (0, 0)
         router_kwargs = {}
         if rest:
             problems.append(
