@@ -96,7 +96,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model, 1)
+        cache = KVCache(model, 1, len(prompt) + max_new_tokens)
         logits, _ = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)
         out: list[torch.Tensor] = []
         for step in range(max_new_tokens):

@@ -1,4 +1,4 @@
-"""A key/value cache for incremental decoding with ``moe.model.GPT``: preallocated to the model's ``seq_len``."""
+"""A key/value cache for incremental decoding with ``moe.model.GPT``, preallocated to a fixed length."""
 
 from __future__ import annotations
 
@@ -6,19 +6,23 @@ import torch
 
 
 class KVCache:
-    """Keys and values (B, heads, seq_len, D) of every attention layer for the tokens decoded so far.
+    """Keys and values (B, heads, max_length, D) of every attention layer for the tokens decoded so far.
 
     ``GPT.forward(idx, cache=cache)`` reads the positions ``[0, length)``, writes the new tokens' keys and
-    values after them (rotary positions start at ``length``) and advances ``length``. Memory:
-    ``2 * layers * B * seq_len * hidden_size`` elements of ``dtype``.
+    values after them (rotary positions start at ``length``) and advances ``length``. ``max_length``
+    defaults to the model's ``seq_len`` and cannot exceed it. Memory: ``2 * layers * B * max_length *
+    hidden_size`` elements of ``dtype`` (default: the model's).
     """
 
-    def __init__(self, model, batch_size: int, *, dtype: torch.dtype | None = None):
+    def __init__(self, model, batch_size: int, max_length: int | None = None, *, dtype: torch.dtype | None = None):
         cfg = model.cfg
+        max_length = cfg.seq_len if max_length is None else max_length
+        if not 1 <= max_length <= cfg.seq_len:
+            raise ValueError(f"max_length={max_length} is not valid; it must be in [1, seq_len={cfg.seq_len}]")
         weight = model.embed.weight
-        shape = (batch_size, cfg.num_heads, cfg.seq_len, cfg.hidden_size // cfg.num_heads)
+        shape = (batch_size, cfg.num_heads, max_length, cfg.hidden_size // cfg.num_heads)
         dtype = dtype or weight.dtype
-        self.max_length = cfg.seq_len
+        self.max_length = max_length
         self.keys = [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in range(cfg.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in range(cfg.num_layers)]
         self.length = 0
@@ -27,8 +31,8 @@ class KVCache:
         """Raise ValueError when ``new_tokens`` more would not fit in ``seq_len`` positions."""
         if self.length + new_tokens > self.max_length:
             raise ValueError(
-                f"{self.length} cached + {new_tokens} new tokens exceed the model's seq_len={self.max_length} "
-                "(its rotary positions stop there); shorten the prompt or generate fewer tokens"
+                f"{self.length} cached + {new_tokens} new tokens exceed the cache's max_length={self.max_length} "
+                "(at most the model's seq_len, where its rotary positions stop)"
             )
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

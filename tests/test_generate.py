@@ -99,6 +99,17 @@ def test_greedy_generation_is_the_argmax_of_full_forwards():
     assert model.training is False
 
 
+def test_the_cache_refuses_tokens_beyond_its_length():
+    model = tiny_model()
+    cache = KVCache(model, 1, 6)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="4 cached . 3 new tokens exceed the cache's max_length=6"):
+            model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"max_length=25 is not valid; it must be in \[1, seq_len=24\]"):
+        KVCache(model, 1, 25)
+
+
 def test_generation_refuses_to_run_past_seq_len():
     model = tiny_model()
     with pytest.raises(ValueError, match="exceeds the model's seq_len=24; use max_new_tokens <= 19"):

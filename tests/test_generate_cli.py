@@ -9,7 +9,7 @@ from tiny_runs import train_run  # noqa: E402 (after the importorskip call)
 
 from moe.generate import generate  # noqa: E402 (after the importorskip call)
 from moe.generate_cli import main, parse_args, run_generate  # noqa: E402 (after the importorskip call)
-from moe.train.loading import load_run  # noqa: E402 (after the importorskip call)
+from moe.train.loading import ByteCodec, load_run  # noqa: E402 (after the importorskip call)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,12 @@ def test_bad_arguments_exit_with_one_line_naming_them(args, message):
     with pytest.raises(SystemExit) as info:
         main(args)
     assert str(info.value).startswith("moe-generate: ") and message in str(info.value)
+
+
+def test_byte_runs_decode_invalid_utf8_as_replacement_characters():
+    codec = ByteCodec()
+    assert codec.encode("é") == [0xC3, 0xA9]
+    assert codec.decode([0x41, 0xC3, 0xFF, 0x42]) == "A\ufffd\ufffdB"
 
 
 def test_too_long_a_request_is_refused_with_the_limit(trained_run):
