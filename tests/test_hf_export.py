@@ -22,6 +22,7 @@ from moe import interop  # noqa: E402 (after the importorskip calls)
 from moe.export_cli import main as export_main  # noqa: E402 (after the importorskip calls)
 from moe.generate import generate  # noqa: E402 (after the importorskip calls)
 from moe.generate_cli import main as generate_main  # noqa: E402 (after the importorskip calls)
+from moe.layer import moe_layers  # noqa: E402 (after the importorskip calls)
 from moe.model import GPT, ModelConfig  # noqa: E402 (after the importorskip calls)
 from moe.train import train  # noqa: E402 (after the importorskip calls)
 from moe.train.checkpoint import CheckpointMismatchError  # noqa: E402 (after the importorskip calls)
@@ -242,3 +243,17 @@ def test_init_from_names_a_router_mismatch_and_a_missing_folder(tokenised_run, t
     missing = tiny_config(tmp_path, data=data, trainer={"init_from": str(tmp_path)}, seq_len=32)
     with pytest.raises(CheckpointMismatchError, match="is not a Hugging Face model folder .no config.json."):
         train(missing, tmp_path / "missing")
+
+
+@torch.no_grad()
+def test_a_merged_model_exports_at_its_original_router_width(tmp_path):
+    import moe.compress  # noqa: F401 (registers the "merged" router)
+
+    model = random_gpt(num_experts=2, router="merged", router_kwargs={"source_experts": 4, "source_router": "topk"})
+    for _, layer in moe_layers(model):
+        layer.router.expert_to_group.copy_(torch.tensor([1, 0, 0, 1]))
+    interop.to_hf_model(model).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.num_local_experts == 4
+    ids = torch.randint(0, 40, (2, 32))
+    torch.testing.assert_close(hf(ids).logits, model(ids)[0], rtol=0, atol=1e-4)
