@@ -40,6 +40,8 @@ setup(
             "moe-compress=moe.compress.cli:main",
             "moe-prepare=moe.prepare:main",
             "moe-inspect=moe.inspect:main",
+            "moe-generate=moe.generate_cli:main",
+            "moe-export=moe.export_cli:main",
         ]
     },
 )

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.compress import calibrate, merge, prune
-from moe.layer import MoELayer
+from moe.experts import DenseMLP
+from moe.layer import MoELayer, moe_layers
+from moe.model import ModelConfig
 from moe.routers import TopKRouter
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
@@ -87,22 +89,44 @@ def from_hf_block(block: nn.Module) -> MoELayer:
             load_balancing_coef=0.0,
             z_loss_coef=0.0,
         )
-        shared = {"shared_ffn_hidden_size": block.shared_expert.down_proj.in_features, "shared_expert_gate": True}
+        width = block.shared_expert.down_proj.in_features  # 0: no shared expert
+        shared = {"shared_ffn_hidden_size": width, "shared_expert_gate": True} if width else {}
     layer = MoELayer(hidden, ffn, num_experts, router=router, activation="swiglu", **shared)
     layer.to(device=gate.weight.device, dtype=block.experts.gate_up_proj.dtype)
     layer.router.gate.weight.copy_(gate.weight)
     layer.experts.w_in.copy_(block.experts.gate_up_proj.transpose(1, 2))
     layer.experts.w_out.copy_(block.experts.down_proj.transpose(1, 2))
-    if kind == "Qwen2MoeSparseMoeBlock":
-        mlp = block.shared_expert
-        layer.shared_experts.w_in.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        layer.shared_experts.w_out.weight.copy_(mlp.down_proj.weight)
+    if layer.shared_experts is not None:
+        dense_from_hf(block.shared_expert, layer.shared_experts)
         layer.shared_expert_gate.weight.copy_(block.shared_expert_gate.weight)
     layer.train(block.training)
     return layer
 
 
-def _check_exportable(router: TopKRouter, kind: str) -> None:
+@torch.no_grad()
+def dense_from_hf(mlp: nn.Module, dense: DenseMLP) -> None:
+    """Copy a transformers gated MLP (``gate_proj``, ``up_proj``, ``down_proj``) into a swiglu ``DenseMLP``."""
+    dense.w_in.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    dense.w_out.weight.copy_(mlp.down_proj.weight)
+
+
+@torch.no_grad()
+def dense_to_hf(dense: DenseMLP, mlp: nn.Module, scale: float = 1.0) -> None:
+    """Copy a swiglu ``DenseMLP`` into a transformers gated MLP, its down projection times ``scale``."""
+    width = dense.w_out.in_features
+    if mlp.down_proj.in_features != width:
+        raise ValueError(f"MLP width {width} differs from the target's {mlp.down_proj.in_features}")
+    gate_w, up_w = dense.w_in.weight.detach().split(width)
+    mlp.gate_proj.weight.copy_(gate_w)
+    mlp.up_proj.weight.copy_(up_w)
+    mlp.down_proj.weight.copy_(dense.w_out.weight * scale)
+
+
+def export_problems(router, kind: str) -> list[str]:
+    """What of ``router`` the transformers block ``kind`` cannot express (empty when it can express it all)."""
+    router = _source(router)
+    if not isinstance(router, TopKRouter):
+        return [f"{type(router).__name__} routing"]
     problems = []
     if router.score_function != "softmax":
         problems.append(f"score_function={router.score_function!r}")
@@ -114,8 +138,13 @@ def _check_exportable(router: TopKRouter, kind: str) -> None:
         problems.append("group-limited routing")
     if router.bias_update_rate is not None:
         problems.append("an expert bias (aux-loss-free balancing)")
-    if kind == "MixtralSparseMoeBlock" and not router.normalize_weights and router.top_k > 1:
-        problems.append("normalize_weights=False (Mixtral always renormalises)")
+    if kind == "MixtralSparseMoeBlock" and not router.normalize_weights:
+        problems.append("normalize_weights=False (Mixtral always renormalises, even top-1 to weight 1)")
+    return problems
+
+
+def _check_exportable(router: TopKRouter, kind: str) -> None:
+    problems = export_problems(router, kind)
     if problems:
         raise ValueError(f"{kind} cannot express this router: {', '.join(problems)}")
 
@@ -135,8 +164,6 @@ def to_hf_block(layer: MoELayer, like: nn.Module) -> nn.Module:
     if not isinstance(router, TopKRouter):
         raise TypeError(f"{kind} needs a softmax top-k router, got {type(router).__name__}")
     _check_exportable(router, kind)
-    if kind == "Qwen2MoeSparseMoeBlock" and layer.shared_experts is None:
-        raise ValueError("Qwen2MoeSparseMoeBlock needs a shared expert; the layer has none")
     if kind == "MixtralSparseMoeBlock" and layer.shared_experts is not None:
         raise ValueError("MixtralSparseMoeBlock has no shared expert; the layer has one")
     block = copy.deepcopy(like)
@@ -153,16 +180,26 @@ def to_hf_block(layer: MoELayer, like: nn.Module) -> nn.Module:
         block.jitter_noise = router.jitter_eps
     else:
         block.gate.norm_topk_prob = router.normalize_weights
-        mlp, width = block.shared_expert, layer.shared_experts.w_out.in_features
-        if mlp.down_proj.in_features != width:
-            raise ValueError(f"shared expert width {width} differs from like's {mlp.down_proj.in_features}")
-        gate_w, up_w = layer.shared_experts.w_in.weight.detach().split(width)
-        mlp.gate_proj.weight.copy_(gate_w)
-        mlp.up_proj.weight.copy_(up_w)
-        mlp.down_proj.weight.copy_(layer.shared_experts.w_out.weight)
-        block.shared_expert_gate.weight.copy_(layer.shared_expert_gate.weight)
+        _write_shared_expert(layer, block)
     block.train(layer.training)
     return block
+
+
+def _write_shared_expert(layer: MoELayer, block: nn.Module) -> None:
+    """Qwen2-MoE's gated shared expert from the layer's: none is a zero-width one; an ungated one gets a zero
+    gate (sigmoid(0) = 1/2) and a doubled down projection, which is exact (scaling by 2 rounds nothing)."""
+    mlp = block.shared_expert
+    if layer.shared_experts is None:
+        if mlp.down_proj.in_features != 0:
+            raise ValueError(f"the layer has no shared expert; like's is {mlp.down_proj.in_features} wide")
+        block.shared_expert_gate.weight.zero_()
+        return
+    if layer.shared_expert_gate is None:
+        dense_to_hf(layer.shared_experts, mlp, scale=2.0)
+        block.shared_expert_gate.weight.zero_()
+    else:
+        dense_to_hf(layer.shared_experts, mlp)
+        block.shared_expert_gate.weight.copy_(layer.shared_expert_gate.weight)
 
 
 def convert_hf_model(model: nn.Module) -> dict[str, nn.Module]:
@@ -239,3 +276,259 @@ def compress_hf_model(
         raise
     restore_hf_model(model, originals)
     return result
+
+
+# Whole models: moe.model.GPT <-> transformers MixtralForCausalLM / Qwen2MoeForCausalLM.
+
+HF_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+_BLOCK_OF = {"MixtralForCausalLM": "MixtralSparseMoeBlock", "Qwen2MoeForCausalLM": "Qwen2MoeSparseMoeBlock"}
+NORM_EPS = 1e-6  # moe.model's RMSNorm epsilon
+EXPORTABLE = (
+    "exportable: router=topk with softmax scores, no bias_update_rate, capacity_factor or num_groups, and "
+    "route_scale=1 (Mixtral also needs normalize_weights=true; Qwen2-MoE takes either), swiglu experts"
+)
+
+
+def _moe_routers(model) -> list:
+    return [layer.router for _, layer in moe_layers(model)]
+
+
+def _source(router):
+    """The router whose choices a merged layer follows (the router itself otherwise)."""
+    return router.expert_grouping()[0]
+
+
+def hf_architecture(model, architecture: str = "auto") -> str:
+    """The transformers class ``model`` (a ``GPT``) exports to: ``mixtral`` when every layer is MoE with no shared
+    expert and renormalised weights, else ``qwen2_moe``; ``architecture`` forces one. Raises ValueError (one line
+    naming what is exportable) for routing or layers the target cannot express."""
+    if architecture != "auto" and architecture not in HF_ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r} is not valid; valid: {['auto', *HF_ARCHITECTURES]}")
+    cfg = model.cfg
+    routers = _moe_routers(model)
+    target = (
+        "neither Mixtral nor Qwen2-MoE can" if architecture == "auto" else f"{HF_ARCHITECTURES[architecture]} cannot"
+    )
+    if architecture == "auto":
+        mixtral_shaped = len(routers) == cfg.num_layers and cfg.shared_experts == 0
+        normalised = all(getattr(_source(r), "normalize_weights", False) for r in routers)
+        architecture = "mixtral" if mixtral_shaped and normalised else "qwen2_moe"
+    name = HF_ARCHITECTURES[architecture]
+    problems = []
+    if cfg.activation != "swiglu":
+        problems.append(f"activation={cfg.activation!r}")
+    if name == "MixtralForCausalLM":
+        if len(routers) != cfg.num_layers:
+            problems.append(f"dense layers (moe_every={cfg.moe_every})")
+        if cfg.shared_experts:
+            problems.append(f"shared_experts={cfg.shared_experts}")
+    for router in routers[:1]:  # every layer is built from one config
+        problems += export_problems(router, _BLOCK_OF[name])
+    if problems:
+        found = ", ".join(problems)
+        raise ValueError(f"{target} express router={cfg.router} {cfg.router_kwargs}: {found}; {EXPORTABLE}")
+    return architecture
+
+
+def _hf_config(model, architecture: str):
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    cfg = model.cfg
+    routers = _moe_routers(model)
+    router = _source(routers[0]) if routers else None
+    num_experts = router.num_experts if router is not None else cfg.num_experts
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": NORM_EPS,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_base)},
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": cfg.top_k,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+    if architecture == "mixtral":
+        return MixtralConfig(
+            num_local_experts=num_experts, router_jitter_noise=router.jitter_eps, sliding_window=None, **common
+        )
+    return Qwen2MoeConfig(
+        num_experts=num_experts,
+        moe_intermediate_size=cfg.ffn_hidden_size,
+        shared_expert_intermediate_size=cfg.shared_experts * cfg.ffn_hidden_size,
+        norm_topk_prob=bool(router.normalize_weights) if router is not None else cfg.top_k > 1,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
+        qkv_bias=False,
+        use_sliding_window=False,
+        **common,
+    )
+
+
+@torch.no_grad()
+def to_hf_model(model, architecture: str = "auto") -> nn.Module:
+    """A transformers ``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM`` (float32, eval) computing what ``model``
+    (a ``moe.model.GPT``) computes; see ``hf_architecture`` for the choice and what is refused."""
+    from transformers import AutoModelForCausalLM
+
+    architecture = hf_architecture(model, architecture)
+    hf = AutoModelForCausalLM.from_config(_hf_config(model, architecture), dtype=torch.float32).eval()
+    base = hf.model
+    base.embed_tokens.weight.copy_(model.embed.weight)
+    base.norm.weight.copy_(model.norm.weight)
+    if not model.cfg.tie_embeddings:
+        hf.lm_head.weight.copy_(model.lm_head.weight)
+    for block, layer in zip(model.blocks, base.layers):
+        attn = layer.self_attn
+        q, k, v = block.attn.qkv.weight.chunk(3)
+        attn.q_proj.weight.copy_(q)
+        attn.k_proj.weight.copy_(k)
+        attn.v_proj.weight.copy_(v)
+        attn.o_proj.weight.copy_(block.attn.proj.weight)
+        layer.input_layernorm.weight.copy_(block.attn_norm.weight)
+        layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
+        if block.use_moe:
+            layer.mlp = to_hf_block(block.ffn, like=layer.mlp).eval()
+        else:
+            dense_to_hf(block.ffn, layer.mlp)
+    return hf
+
+
+def _import_problems(config, kind: str) -> list[str]:
+    """What of a transformers config ``moe.model.GPT`` cannot express."""
+    problems = []
+    heads = config.num_attention_heads
+    if (config.num_key_value_heads or heads) != heads:
+        problems.append(f"grouped-query attention (num_key_value_heads={config.num_key_value_heads} < {heads} heads)")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and head_dim * heads != config.hidden_size:
+        problems.append(f"head_dim={head_dim} != hidden_size / num_attention_heads")
+    if config.rms_norm_eps != NORM_EPS:
+        problems.append(f"rms_norm_eps={config.rms_norm_eps} (moe.model uses {NORM_EPS})")
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type={rope.get('rope_type')!r} (moe.model has plain rotary positions)")
+    if config.hidden_act != "silu":
+        problems.append(f"hidden_act={config.hidden_act!r} (moe.model's gated experts are swiglu)")
+    if kind == "MixtralForCausalLM":
+        window = config.sliding_window
+        if window is not None and window < config.max_position_embeddings:
+            problems.append(f"sliding_window={window}")
+    elif "sliding_attention" in (config.layer_types or []):
+        problems.append("sliding-window attention layers")
+    return problems
+
+
+def _moe_every(config, kind: str) -> tuple[int, str | None]:
+    """moe.model's ``moe_every`` for the MoE layers of a transformers config, and the problem when none fits."""
+    layers = config.num_hidden_layers
+    if kind == "MixtralForCausalLM":
+        return 1, None
+    sparse = [
+        i
+        for i in range(layers)
+        if i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+    ]
+    every = sparse[0] + 1 if sparse else 0
+    if sparse != [i for i in range(layers) if every and (i + 1) % every == 0]:
+        return every, f"MoE layers {sparse} are not every n-th layer (moe_every)"
+    return every, None
+
+
+@torch.no_grad()
+def from_hf_model(hf_model_or_folder) -> tuple[nn.Module, ModelConfig]:
+    """A ``moe.model.GPT`` (float32, eval) and its ``ModelConfig`` computing what a transformers Mixtral or Qwen2-MoE
+    causal LM computes (a model, or a folder ``AutoModelForCausalLM.from_pretrained`` loads from local disk).
+
+    Raises ValueError naming every setting ``GPT`` cannot express (grouped-query attention, another norm epsilon,
+    rope scaling, sliding windows, non-zero attention biases or shared-expert gates, ...).
+    """
+    from moe.model import GPT
+
+    hf = hf_model_or_folder
+    if not isinstance(hf, nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_model_or_folder), dtype=torch.float32)
+    kind = type(hf).__name__
+    if kind not in _BLOCK_OF:
+        raise ValueError(f"{kind} is not supported; supported: {sorted(_BLOCK_OF)}")
+    config, base = hf.config, hf.model
+    problems = _import_problems(config, kind)
+    moe_every, layout_problem = _moe_every(config, kind)
+    problems += [layout_problem] if layout_problem else []
+    if kind == "MixtralForCausalLM":
+        num_experts, ffn, shared, normalize = config.num_local_experts, config.intermediate_size, 0, True
+        router_kwargs = {"jitter_eps": float(config.router_jitter_noise)} if config.router_jitter_noise else {}
+    else:
+        num_experts, normalize = config.num_experts, bool(config.norm_topk_prob)
+        ffn = config.moe_intermediate_size if moe_every else config.intermediate_size  # dense only: the MLP width
+        shared, rest = divmod(config.shared_expert_intermediate_size, ffn) if moe_every else (0, 0)
+        router_kwargs = {}
+        if rest:
+            problems.append(
+                f"shared_expert_intermediate_size={config.shared_expert_intermediate_size} is not a "
+                f"multiple of moe_intermediate_size={ffn}"
+            )
+        if moe_every != 1 and config.intermediate_size != ffn:
+            problems.append(
+                f"dense layers of intermediate_size={config.intermediate_size} != moe_intermediate_size={ffn}"
+            )
+        for i, layer in enumerate(base.layers):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                bias = getattr(layer.self_attn, proj).bias
+                if bias is not None and bool(bias.any()):
+                    problems.append(f"a non-zero {proj} bias (layer {i}; moe.model's attention has none)")
+            mlp = layer.mlp
+            if is_hf_moe_block(mlp) and shared and bool(mlp.shared_expert_gate.weight.any()):
+                problems.append(f"a learned shared_expert_gate (layer {i}; moe.model's shared experts are ungated)")
+    top_k = config.num_experts_per_tok
+    if normalize != (top_k > 1):  # TopKRouter's default is to renormalise exactly when top_k > 1
+        router_kwargs["normalize_weights"] = normalize
+    if problems:
+        raise ValueError(f"moe.model.GPT cannot express this {kind}: {'; '.join(dict.fromkeys(problems))}")
+    cfg = ModelConfig(
+        vocab_size=config.vocab_size,
+        seq_len=config.max_position_embeddings,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        ffn_hidden_size=ffn,
+        num_experts=max(num_experts, 1),
+        top_k=top_k,
+        moe_every=moe_every,
+        shared_experts=shared,
+        router="topk",
+        router_kwargs=router_kwargs,
+        activation="swiglu",
+        tie_embeddings=bool(config.tie_word_embeddings),
+        rope_base=float((config.rope_parameters or {}).get("rope_theta", 10000.0)),
+    )
+    model = GPT(cfg).eval()
+    model.embed.weight.copy_(base.embed_tokens.weight)
+    model.norm.weight.copy_(base.norm.weight)
+    if not cfg.tie_embeddings:
+        model.lm_head.weight.copy_(hf.lm_head.weight)
+    for block, layer in zip(model.blocks, base.layers):
+        attn = layer.self_attn
+        block.attn.qkv.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        block.attn.proj.weight.copy_(attn.o_proj.weight)
+        block.attn_norm.weight.copy_(layer.input_layernorm.weight)
+        block.ffn_norm.weight.copy_(layer.post_attention_layernorm.weight)
+        if block.use_moe:
+            converted = from_hf_block(layer.mlp).float()
+            state = converted.state_dict()
+            if "shared_expert_gate.weight" in state:  # a zero gate: sigmoid(0) = 1/2 of the ungated expert
+                del state["shared_expert_gate.weight"]
+                state["shared_experts.w_out.weight"] = state["shared_experts.w_out.weight"] * 0.5
+            block.ffn.load_state_dict(state)
+        else:
+            dense_from_hf(layer.mlp, block.ffn)
+    return model, cfg

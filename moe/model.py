@@ -6,6 +6,7 @@ output head. Token ids reach the MoE layers, so token-keyed routers (hash routin
 """
 
 import dataclasses
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import nn
 
 from moe.dispatch import DISPATCHERS
 from moe.experts import ACTIVATIONS, EXPERT_IMPLEMENTATIONS, DenseMLP, ExpertMLP
+from moe.kv_cache import KVCache
 from moe.layer import MoELayer, moe_layers, name_moe_layers
 from moe.routers import ROUTERS, router_names
 from moe.validation import ConfigValueError, check_choice, check_in_range, check_int_at_least
@@ -168,16 +170,23 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
+        """``cos``/``sin`` are the tables at x's positions; ``kv(k, v) -> (all keys, all values)`` adds a cache."""
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_size).unbind(2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin).transpose(1, 2), apply_rotary(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        mask, causal = None, True
+        if kv is not None:
+            k, v = kv(k, v)
+            past = k.shape[2] - length
+            if past > 0:  # is_causal aligns the mask top-left; after a cache it must end at the last key
+                causal = False
+                if length > 1:
+                    keys = torch.arange(k.shape[2], device=x.device)
+                    mask = keys <= past + torch.arange(length, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(batch, length, hidden))
 
@@ -207,8 +216,8 @@ class Block(nn.Module):
             self.ffn = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, token_ids):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x, cos, sin, token_ids, kv=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv))
         h = self.ffn_norm(x)
         h = self.ffn(h, token_ids=token_ids) if self.use_moe else self.ffn(h)
         return x + self.drop(h)
@@ -231,7 +240,7 @@ def _router_kwargs(cfg: ModelConfig) -> dict:
 
 
 class GPT(nn.Module):
-    """Decoder-only language model; ``forward(idx, targets=None) -> (logits, loss)``.
+    """Decoder-only language model; ``forward(idx, targets=None, cache=None) -> (logits, loss)``.
 
     ``idx`` (B, T) int64 with T <= ``cfg.seq_len``; logits (B, T, vocab_size); loss is the mean
     next-token cross-entropy in nats (task loss only: add ``moe.aux_loss(model)`` to train), or None
@@ -278,8 +287,9 @@ class GPT(nn.Module):
                 nn.init.normal_(module.w_out, std=residual_std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """With a ``moe.kv_cache.KVCache``, ``idx`` continues the cached tokens (see ``moe.generate``)."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be an int64 tensor (batch, seq), got {idx.dtype} of shape {tuple(idx.shape)}")
         length = idx.shape[1]
@@ -287,10 +297,16 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {length} exceeds the model's seq_len={self.cfg.seq_len}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+        start = 0
+        if cache is not None:
+            cache.check_room(length)
+            start = cache.length
         x = self.embed(idx)
-        cos, sin = self.rope_cos[:length], self.rope_sin[:length]
-        for block in self.blocks:
-            x = block(x, cos, sin, idx)
+        cos, sin = self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, idx, None if cache is None else functools.partial(cache.update, i))
+        if cache is not None:
+            cache.advance(length)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

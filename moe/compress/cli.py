@@ -85,21 +85,6 @@ class CompressConfig:
             raise ValueError(f"device={self.device!r} is not valid; valid: ['auto', 'cpu', 'cuda']")
 
 
-def resolve_source(source: str) -> Path:
-    """The checkpoint file named by ``source``: itself, or the newest ``ckpt-*.pt`` of a run directory."""
-    from moe.train.checkpoint import list_checkpoints
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path.resolve()
-    if path.is_dir():
-        found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
-        if found:
-            return found[-1].resolve()
-        raise FileNotFoundError(f"source={source!r}: no ckpt-*.pt in {path} or {path / 'checkpoints'}")
-    raise FileNotFoundError(f"source={source!r} is neither a checkpoint file nor a run directory")
-
-
 def _compressed_config(cfg, layers) -> dict:
     """The source's moe-train config with the new expert count (and the merged router for merges)."""
     from moe.train.config import to_dict
@@ -136,20 +121,22 @@ def _counts(model) -> dict:
 def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     """Compress ``ccfg.source`` into ``run_dir`` (see the module docstring); returns the summary."""
     from moe.data import BatchSampler
-    from moe.train.checkpoint import atomic_write_bytes, checkpoint_path, load_checkpoint, save_checkpoint
+    from moe.train.checkpoint import atomic_write_bytes, checkpoint_path, save_checkpoint
     from moe.train.config import architecture, validate
+    from moe.train.loading import load_run
     from moe.train.trainer import DistContext, build_model, build_optimizer, evaluate, prepare_data
 
     started = time.perf_counter()
-    source = resolve_source(ccfg.source)
+    loaded = load_run(ccfg.source)
+    source, state, cfg, vocab_size, model = loaded.path, loaded.state, loaded.cfg, loaded.vocab_size, loaded.model
+    if state is None:
+        raise ValueError(f"source={ccfg.source!r} resolves to {source}; moe-compress needs a ckpt-*.pt checkpoint")
     run_dir = Path(ccfg.output or run_dir).expanduser().resolve()
     ckpt_dir = run_dir / "checkpoints"
     if source.parent == ckpt_dir or source.parent == run_dir:
         raise ValueError(f"output {run_dir} is the source's own directory; choose another (the source stays intact)")
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FileExistsError(f"{ckpt_dir} already holds files; moe-compress never overwrites a checkpoint")
-    state = load_checkpoint(source)
-    cfg = validate(OmegaConf.create(state["config"]))
     target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
     count = target_count(target, cfg.model.num_experts, "every layer")
     if count < cfg.model.top_k:
@@ -157,15 +144,12 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
             f"{count} experts per layer is below model.top_k={cfg.model.top_k}; moe-train configs need "
             f"top_k <= num_experts (choose num_experts in [{cfg.model.top_k}, {cfg.model.num_experts}])"
         )
-    vocab_size = state["architecture"]["data.vocab_size"]
     use_cuda = ccfg.device == "cuda" or (ccfg.device == "auto" and torch.cuda.is_available())
     if ccfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available; valid here: auto, cpu")
     device = torch.device("cuda" if use_cuda else "cpu")
     ctx = DistContext(rank=0, world_size=1, device=device)
     splits = prepare_data(cfg, ctx)
-    model = build_model(cfg, vocab_size)
-    model.load_state_dict(state["model"])
     model.to(device)
     timings = {"load_s": time.perf_counter() - started}
 

@@ -61,6 +61,10 @@ class WrappingRouter(Router):
         self.source.layer_name = self.layer_name
         return self.source.route(x, seq_len=seq_len, token_ids=token_ids)
 
+    def decoding_refusal(self) -> str | None:
+        """The wrapped router's reason (the rewrite itself acts on each token alone)."""
+        return self.source.decoding_refusal()
+
     @classmethod
     def update_group(cls, routers: list[WrappingRouter], process_group: dist.ProcessGroup | None = None) -> None:
         """Run the wrapped routers' per-step updates, grouped by their own class."""

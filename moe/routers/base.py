@@ -67,6 +67,11 @@ class Router(nn.Module):
         """The router's method: (T, H) tokens with a checked shape -> Routing."""
         raise NotImplementedError  # abstractmethod: every concrete router defines it
 
+    def decoding_refusal(self) -> str | None:
+        """Why routing tokens one at a time (incremental decoding, eval mode) would differ from routing the
+        whole sequence at once, or None when it would not. The default router routes each token alone."""
+        return None
+
     @torch.no_grad()
     def step_update(self, process_group: dist.ProcessGroup | None = None) -> None:
         """Per-optimizer-step state update; the default router has none."""

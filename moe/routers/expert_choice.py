@@ -65,5 +65,12 @@ class ExpertChoiceRouter(Router):
             num_requested=self.num_experts * taken,  # an expert cannot want more than all T tokens
         )
 
+    def decoding_refusal(self) -> str | None:
+        """Always a reason: expert choice is not causal."""
+        return (
+            "expert choice is not causal: each expert's capacity is shared among all the tokens routed together, "
+            "so a token's experts depend on the tokens after it"
+        )
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"

@@ -223,6 +223,15 @@ class TopKRouter(Router):
             num_requested=order.numel(),
         )
 
+    def decoding_refusal(self) -> str | None:
+        """A reason when a capacity is set: drops depend on the other tokens routed together."""
+        if self.capacity_factor is None:
+            return None
+        return (
+            f"top-k with capacity_factor={self.capacity_factor} drops pairs beyond each expert's capacity among all "
+            "the tokens routed together, so a token routed alone is never dropped"
+        )
+
     def _apply_capacity(self, token_index, expert_index, weight, priority, logits, aux_loss, capacity) -> Routing:
         """Keep each expert's first ``capacity`` pairs by priority or position (pairs start in token order)."""
         order = torch.arange(token_index.numel(), device=token_index.device)

@@ -163,6 +163,7 @@ class TrainerSchema:
 
     ``resume``: "auto" (newest checkpoint in the run directory, if any), "none", or a checkpoint path.
     ``eval_interval`` / ``ckpt_interval`` of 0 mean "only at the end".
+    ``init_from``: a Hugging Face Mixtral / Qwen2-MoE folder whose weights the model starts from (docs/export.md).
     """
 
     max_steps: int = 600
@@ -179,6 +180,7 @@ class TrainerSchema:
     zero_stage: int = 1
     threads: int | None = None
     export_safetensors: bool = True
+    init_from: str | None = None
 
     def __post_init__(self):
         check_at_least("trainer.max_steps", self.max_steps, 1)
@@ -198,6 +200,8 @@ class TrainerSchema:
         check_choice("trainer.zero_stage", self.zero_stage, ZERO_STAGES)
         if self.threads is not None:
             check_at_least("trainer.threads", self.threads, 1)
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ValueError(f"trainer.init_from={self.init_from!r} is not valid; give a Hugging Face model folder")
 
 
 @dataclass

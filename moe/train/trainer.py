@@ -36,7 +36,9 @@ from moe.train.checkpoint import (
 )
 from moe.train.config import OptimSchema, TrainConfig, architecture, saved_architecture, to_dict
 from moe.train.distributed import DistContext, setup_distributed
+from moe.train.init_from import init_from_pretrained
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
+from moe.train.sample import log_sample
 from moe.train.strategies import NonFiniteGradientError, Strategy, make_strategy
 
 
@@ -291,7 +293,9 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
     torch.manual_seed(cfg.trainer.seed)
     splits = prepare_data(cfg, ctx)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
-    model = build_model(cfg, vocab_size).to(ctx.device)
+    model = build_model(cfg, vocab_size)
+    init_from_pretrained(model, cfg)  # trainer.init_from: the weights of a Hugging Face folder
+    model = model.to(ctx.device)
     strategy = make_strategy(cfg, ctx.world_size, ctx.device)
     raw_model = strategy.prepare(model)
     model = strategy.wrap(raw_model)
@@ -529,6 +533,7 @@ def _write_outputs(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: d
     summary["final_load_imbalance"] = last_train[-1]["load_imbalance"] if last_train else None
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     logger.message(format_summary(summary, run_dir))
+    log_sample(model, cfg, run_dir, logger.message)
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:
