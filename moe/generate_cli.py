@@ -2,7 +2,11 @@
 
 Settings are ``key=value`` arguments (the keys of ``GenerateConfig``), as for ``moe-train``::
 
-    moe-generate source=outputs/<date>/<time> prompts='[def ,class ]' max_new_tokens=48 temperature=0
+    moe-generate source=outputs/<date>/<time> prompt='def ' prompt='class ' max_new_tokens=48 temperature=0
+    moe-generate source=outputs/<date>/<time> prompts='[def ,class ]' temperature=0
+
+``prompt=TEXT`` (repeatable) takes TEXT verbatim, trailing spaces included; ``prompts=`` is parsed as a
+value (YAML-style: a list, and surrounding whitespace is dropped).
 
 Prints each prompt followed by its continuation, decoded with the run's tokenizer (bytes for byte-level
 runs, invalid UTF-8 shown as U+FFFD).
@@ -87,8 +91,19 @@ def run_generate(gcfg: GenerateConfig) -> list[str]:
 
 
 def parse_args(args: list[str]) -> GenerateConfig:
-    """``key=value`` arguments -> a checked ``GenerateConfig`` (ValueError naming a bad key or value)."""
-    return parse_key_values(GenerateConfig, args)
+    """``key=value`` arguments -> a checked ``GenerateConfig`` (ValueError naming a bad key or value).
+
+    ``prompt=TEXT`` arguments are kept verbatim (a prompt's trailing space changes its first token); they
+    cannot be combined with ``prompts=``.
+    """
+    verbatim = [a[len("prompt=") :] for a in args if a.startswith("prompt=")]
+    rest = [a for a in args if not a.startswith("prompt=")]
+    if verbatim and any(a.startswith("prompts=") for a in rest):
+        raise ValueError("give prompts either as prompt=TEXT (repeatable, verbatim) or as prompts=[...], not both")
+    gcfg = parse_key_values(GenerateConfig, rest)
+    if verbatim:
+        gcfg.prompts = verbatim  # plain strings: nothing to check beyond what parsing the rest checked
+    return gcfg
 
 
 def main(argv: list[str] | None = None) -> None:

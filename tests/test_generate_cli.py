@@ -83,3 +83,11 @@ def test_byte_runs_decode_invalid_utf8_as_replacement_characters():
 def test_too_long_a_request_is_refused_with_the_limit(trained_run):
     with pytest.raises(SystemExit, match="prompt of 3 tokens plus max_new_tokens=46 exceeds the model's seq_len=48"):
         main([f"source={trained_run}", "prompts=abc", "max_new_tokens=46"])
+
+
+def test_prompt_arguments_keep_their_trailing_spaces():
+    gcfg = parse_args(["source=run", "prompt=def ", "prompt= x  "])
+    assert gcfg.prompts == ["def ", " x  "]
+    assert parse_args(["source=run", "prompts=def "]).prompts == ["def"]  # a parsed value, as documented
+    with pytest.raises(ValueError, match="not both"):
+        parse_args(["source=run", "prompt=a", "prompts=[b]"])
