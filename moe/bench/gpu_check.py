@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 LAYER_SMOKE = ["--shapes", "e64", "--activations", "swiglu", "--variants", "kernels,torch", "--repeats", "5"]
-TRAIN_SMOKE = ["--variants", "kernels,kernels_compile", "--warmup", "3", "--steps", "5"]
+TRAIN_SMOKE = ["--variants", "kernels,kernels_compile,dense_compile", "--warmup", "3", "--steps", "5"]
 
 
 def _run(command: list[str], log: Path, timeout: int) -> int:
@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         if "tflops" in r
     ]
     figures += [
-        f"train {r['variant']} {r['tokens_per_s'] / 1e3:.0f}k tokens/s" for r in train_rows if "tokens_per_s" in r
+        f"train {r['variant']} {r['tokens_per_s'] / 1e3:.0f}k tokens/s"
+        + (f" ({r['moe_over_dense']:.2f} of dense)" if r.get("moe_over_dense") else "")
+        for r in train_rows
+        if "tokens_per_s" in r
     ]
     record = {
         "passed": bool(passed),

@@ -11,7 +11,7 @@ from moe.train.config import TrainConfig, architecture, register_configs, valida
 from moe.train.trainer import WarmupCosine
 
 GROUPS = {
-    "model": ["tiny", "small", "dense"],
+    "model": ["tiny", "small", "medium", "dense"],
     "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash"],
     "experts": ["grouped", "loop"],
     "dispatch": ["local", "triton"],
