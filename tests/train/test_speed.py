@@ -1,0 +1,83 @@
+"""moe.train.speed: activation checkpointing changes memory, not results; compiled blocks train like eager."""
+
+import copy
+
+import pytest
+import torch
+
+import moe
+from moe.model import GPT, ModelConfig
+from moe.train.speed import apply_activation_checkpointing, compile_blocks, use_compile
+
+
+def _model(**overrides):
+    cfg = ModelConfig(
+        seq_len=16,
+        num_layers=2,
+        hidden_size=32,
+        num_heads=2,
+        ffn_hidden_size=32,
+        num_experts=4,
+        router_kwargs={"bias_update_rate": 1e-2},
+        **overrides,
+    )
+    torch.manual_seed(0)
+    return GPT(cfg)
+
+
+def _step(model, tokens):
+    """(loss, gradients, router loads, elements the forward saved for the backward)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        total = loss + moe.aux_loss(model)
+    saved_elements = sum(saved)
+    total.backward()
+    loads = [layer.router.step_load.clone() for _, layer in moe.moe_layers(model)]
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, loads, saved_elements
+
+
+@pytest.mark.parametrize("mode,wrapped", [("full", 2 * 3), ("experts", 2)])  # per block: experts, shared, attention
+def test_activation_checkpointing_gives_the_same_loss_gradients_and_router_loads(mode, wrapped):
+    tokens = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(1))
+    plain = _model(shared_experts=1)
+    checkpointed = copy.deepcopy(plain)
+    assert apply_activation_checkpointing(checkpointed, mode) == wrapped
+    want, got = _step(plain, tokens), _step(checkpointed, tokens)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    for a, b in zip(got[2], want[2]):  # routers run once per forward: recompute must not add their loads again
+        assert torch.equal(a, b)
+    assert set(checkpointed.state_dict()) == set(plain.state_dict())
+    assert got[3] < want[3]  # the wrapped modules kept only their inputs
+
+
+def test_activation_checkpointing_none_and_a_bad_mode():
+    assert apply_activation_checkpointing(_model(), "none") == 0
+    with pytest.raises(ValueError, match=r"trainer.activation_checkpointing='some' is not valid; valid: \['none'"):
+        apply_activation_checkpointing(_model(), "some")
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    assert use_compile("auto", torch.device("cuda", 0)) and not use_compile("auto", torch.device("cpu"))
+    assert use_compile("true", torch.device("cpu")) and not use_compile("false", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match=r"trainer.compile='yes' is not valid"):
+        use_compile("yes", torch.device("cpu"))
+
+
+def test_compiled_blocks_match_eager_and_keep_the_state_dict():
+    # bf16: the fake implementation of torch._grouped_mm, which tracing runs, accepts bf16 only.
+    eager = _model().to(torch.bfloat16)
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled, backend="aot_eager") == 2
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(2))
+    for batch in (tokens, tokens[:1]):
+        want, got = eager(batch[:, :-1], batch[:, 1:])[1], compiled(batch[:, :-1], batch[:, 1:])[1]
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
