@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from moe.dispatch.base import Dispatched, Dispatcher, weighted_scatter_add
+from moe.dispatch.base import Dispatched, Dispatcher
 from moe.dispatch.placement import ExpertPlacement
-from moe.dispatch.registry import register_dispatcher
+from moe.dispatch.registry import DISPATCHERS, build_dispatcher, register_dispatcher
 from moe.routing import Routing
 
 
@@ -45,6 +46,7 @@ class ExchangeState:
     send_splits: list[int]
     recv_splits: list[int]
     order: torch.Tensor | None  # received-row index of each expert-sorted row; None when already sorted
+    gathered: Dispatched  # the local dispatcher's permute of this rank's tokens, for its combine
 
 
 @register_dispatcher("expert_parallel")
@@ -52,11 +54,12 @@ class ExpertParallelDispatcher(Dispatcher):
     """Moves each routed row to the EP rank holding its expert and brings the expert output back.
 
     EP rank ``p`` of ``ep_group`` holds experts ``[p * L, (p + 1) * L)`` with ``L = num_experts / ep_size``
-    (``placement``, an ``ExpertPlacement`` over ``ep_group``). ``permute`` gathers rows in expert order
-    (as the local dispatcher), exchanges the per-expert counts (one small all-to-all), sends the rows with
-    an uneven ``all_to_all_single`` and regroups what arrives by local expert; ``combine`` undoes the
-    regrouping, sends the expert outputs back and scatter-adds ``weight * y`` per token. Routing stays on
-    each rank's own tokens.
+    (``placement``, an ``ExpertPlacement`` over ``ep_group``). ``permute`` gathers this rank's rows in expert
+    order with the single-process dispatcher ``local`` ("local": torch gather; "triton": the Triton permute),
+    exchanges the per-expert counts (one small all-to-all), sends the rows with an uneven
+    ``all_to_all_single`` and regroups what arrives by local expert; ``combine`` undoes the regrouping, sends
+    the expert outputs back and lets ``local`` sum ``weight * y`` per token. Routing stays on each rank's own
+    tokens.
 
     Host sync: ``all_to_all_single`` takes its split sizes as Python ints, so each forward copies the
     (2, ep_size) send/receive row counts to the host once. That is inherent to an uneven all-to-all;
@@ -66,8 +69,14 @@ class ExpertParallelDispatcher(Dispatcher):
     E integers.
     """
 
-    def __init__(self, ep_group: dist.ProcessGroup, num_experts: int):
+    def __init__(self, ep_group: dist.ProcessGroup, num_experts: int, local: str = "local"):
         super().__init__(ExpertPlacement.over_group(num_experts, ep_group))
+        if local not in DISPATCHERS or "ep_group" in inspect.signature(DISPATCHERS[local]).parameters:
+            raise ValueError(f"local={local!r} must name a single-process dispatcher (such as 'local' or 'triton')")
+        self.local = build_dispatcher(local, num_experts)
+        if self.local.placement.ep_group is not None:
+            raise ValueError(f"local={local!r} must be a single-process dispatcher (such as 'local' or 'triton')")
+        self.triton_topk = getattr(self.local, "triton_topk", False)
 
     def permute(self, x: torch.Tensor, routing: Routing) -> Dispatched[ExchangeState]:
         """Rows (N_local, H) for this rank's experts, grouped by local expert, and their (L,) counts."""
@@ -84,7 +93,8 @@ class ExpertParallelDispatcher(Dispatcher):
         recv_matrix = recv_counts.view(ep_size, local)
         splits = torch.stack([send_counts.view(ep_size, local).sum(1), recv_matrix.sum(1)])
         send_splits, recv_splits = splits.cpu().tolist()
-        received = all_to_all(x.index_select(0, routing.token_index), recv_splits, send_splits, group)
+        gathered = self.local.permute(x, routing)
+        received = all_to_all(gathered.rows, recv_splits, send_splits, group)
         order = None
         if local > 1 and ep_size > 1:
             # Rows arrive grouped by source rank, then by expert; the experts want them by expert first.
@@ -98,7 +108,7 @@ class ExpertParallelDispatcher(Dispatcher):
         return Dispatched(
             rows=received,
             tokens_per_expert=recv_matrix.sum(0),
-            state=ExchangeState(send_splits=send_splits, recv_splits=recv_splits, order=order),
+            state=ExchangeState(send_splits=send_splits, recv_splits=recv_splits, order=order, gathered=gathered),
         )
 
     def combine(
@@ -109,4 +119,4 @@ class ExpertParallelDispatcher(Dispatcher):
         if state.order is not None:
             expert_out = expert_out.new_empty(expert_out.shape).index_copy(0, state.order, expert_out)
         returned = all_to_all(expert_out, state.send_splits, state.recv_splits, self.placement.ep_group)
-        return weighted_scatter_add(returned, routing)
+        return self.local.combine(returned, state.gathered, routing)

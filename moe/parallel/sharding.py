@@ -57,24 +57,30 @@ def shard_experts(experts: ExpertMLP, ep_rank: int, ep_size: int) -> ExpertMLP:
 def to_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, dispatcher: str = "expert_parallel") -> nn.Module:
     """Make every ``MoELayer`` of ``model`` expert-parallel over ``ep_group``, in place; returns ``model``.
 
-    Each layer's "local" dispatcher is replaced by the registered dispatcher ``dispatcher`` built with
-    ``ep_group``; the layer keeps its router and shared experts and only the slice of the experts its
-    placement names, so a model built identically on every rank (same seed) behaves exactly like the
-    single-process model on each rank's tokens. Cost: the full experts exist on each rank until this call
-    frees them.
+    Each layer's single-process dispatcher ("local" or "triton") is replaced by the registered dispatcher
+    ``dispatcher`` built with ``ep_group``, which keeps the old one for this rank's own permute and combine
+    (``local=``), so a layer with the Triton kernels keeps them around the all-to-all. The layer keeps its
+    router and shared experts and only the slice of the experts its placement names, so a model built
+    identically on every rank (same seed) behaves exactly like the single-process model on each rank's
+    tokens. Cost: the full experts exist on each rank until this call frees them.
     """
-    local_class = DISPATCHERS["local"]
     for name, layer in moe_layers(model):
-        if type(layer.dispatcher) is not local_class:
+        local = dispatcher_name(layer.dispatcher)
+        if layer.placement.ep_group is not None or local is None:
             raise TypeError(
                 f"MoE layer '{name}' uses {type(layer.dispatcher).__name__}; to_expert_parallel replaces a "
-                f"{local_class.__name__} (build the layer with dispatcher='local')"
+                "registered single-process dispatcher (build the layer with dispatcher='local' or 'triton')"
             )
         if layer.experts.num_experts != layer.num_experts:
             raise ValueError(f"MoE layer '{name}' holds {layer.experts.num_experts} of {layer.num_experts} experts")
-        layer.dispatcher = build_dispatcher(dispatcher, layer.num_experts, ep_group=ep_group)
+        layer.dispatcher = build_dispatcher(dispatcher, layer.num_experts, ep_group=ep_group, local=local)
         layer.experts = shard_experts(layer.experts, layer.placement.ep_rank, layer.placement.ep_size)
     return model
+
+
+def dispatcher_name(dispatcher) -> str | None:
+    """The name ``dispatcher``'s class is registered under (None when it is not registered)."""
+    return next((name for name, cls in DISPATCHERS.items() if type(dispatcher) is cls), None)
 
 
 def expert_parallel_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -74,7 +74,8 @@ class ExpertsSchema:
 class DispatchSchema:
     """How tokens reach the experts (``moe.model.model_dispatchers()``): "local" (pure torch) or "triton"
     (the Triton fused router top-k and permute/combine of ``moe.kernels``; CUDA, on a CPU they fall back to
-    torch). "triton" is not combined with ``parallel.ep_size > 1``, whose expert-parallel dispatcher it would replace.
+    torch). With ``parallel.ep_size > 1`` the expert-parallel dispatcher keeps it for each rank's own permute
+    and combine.
     """
 
     name: str = "local"
@@ -248,13 +249,6 @@ class TrainConfig:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     parallel: ParallelSchema = field(default_factory=ParallelSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
-
-    def __post_init__(self):
-        if self.dispatch.name == "triton" and self.parallel.ep_size > 1:
-            raise ValueError(
-                f"dispatch.name='triton' cannot be combined with parallel.ep_size={self.parallel.ep_size}: the "
-                "expert-parallel dispatcher replaces the fused one; set dispatch.name=local or parallel.ep_size=1"
-            )
 
 
 def register_configs() -> None:

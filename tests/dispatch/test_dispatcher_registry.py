@@ -91,8 +91,8 @@ def test_an_instance_is_accepted_when_it_is_placed_for_the_layers_experts():
 class CountingExchange(ExpertParallelDispatcher):
     """The EP dispatcher, counting its permutes: a sibling that to_expert_parallel must build by name."""
 
-    def __init__(self, ep_group, num_experts):
-        super().__init__(ep_group, num_experts)
+    def __init__(self, ep_group, num_experts, local="local"):
+        super().__init__(ep_group, num_experts, local)
         self.permutes = 0
 
     def permute(self, x, routing):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moe
+from moe.dispatch.expert_parallel import ExpertParallelDispatcher
 from moe.layer import MoELayer
 from moe.parallel import (
     all_reduce_gradients,
@@ -39,6 +40,9 @@ REQUIRED_ROUTER_KWARGS = {
 EXTRA_CASES = [
     ("topk", {"top_k": 2, "capacity_factor": 1.0}, {}),
     ("topk", {"top_k": 1}, {"shared_experts": 1, "shared_expert_gate": True}),
+    # The Triton permute/combine (and top-k selection) around the all-to-all, under the Triton interpreter here.
+    ("topk", {"top_k": 2}, {"dispatcher": "triton"}),
+    ("expert_choice", {}, {"dispatcher": "triton"}),
 ]
 
 
@@ -251,5 +255,7 @@ def test_world_size_one_matches_local_and_rejects_a_wrong_routing(tmp_path):
             ep_layer.dispatcher.permute(x.reshape(-1, HIDDEN), routing)
         with pytest.raises(TypeError, match="uses ExpertParallelDispatcher; to_expert_parallel replaces a"):
             to_expert_parallel(ep_layer, dist.group.WORLD)
+        with pytest.raises(ValueError, match="local='expert_parallel' must name a single-process dispatcher"):
+            ExpertParallelDispatcher(dist.group.WORLD, EXPERTS, local="expert_parallel")
     finally:
         dist.destroy_process_group()
