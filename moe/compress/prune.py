@@ -76,22 +76,32 @@ def _importance(method: str, calibration: Calibration, name: str, generator: tor
     return torch.rand(stats.num_experts, generator=generator, dtype=torch.float64)
 
 
-def _global_keep(found, targets, method, calibration, generator) -> dict[str, list[int]]:
-    """Keep sum(targets) experts in all: each layer its top_k most important, then the best of the rest by share."""
+def global_allocation(importances: dict[str, torch.Tensor], floors: dict[str, int], total: int) -> dict[str, list[int]]:
+    """Experts kept per layer under one global budget of ``total``: each layer keeps its ``floors[name]``
+    most important, the rest of the budget goes to the largest importances across layers.
+
+    Importances must be comparable across layers (each layer's normalised shares). Ties: layer order,
+    then the lower id. Lists are in the order the experts were admitted.
+    """
     keep: dict[str, list[int]] = {}
     candidates = []
-    for name, layer in found:
-        importance = _importance(method, calibration, name, generator)
+    for index, (name, importance) in enumerate(importances.items()):
         order = _ranked(importance)
-        floor = layer_min_experts(layer)
-        keep[name] = order[:floor]
-        candidates += [(-float(importance[e]), name, e) for e in order[floor:]]
-    room = sum(targets.values()) - sum(len(v) for v in keep.values())
+        keep[name] = order[: floors[name]]
+        candidates += [(-float(importance[e]), index, e, name) for e in order[floors[name] :]]
+    room = total - sum(len(v) for v in keep.values())
     if room < 0:
-        raise ValueError(f"a global budget of {sum(targets.values())} experts is below the layers' top_k floors")
-    for _, name, expert in sorted(candidates)[:room]:
+        raise ValueError(f"a global budget of {total} experts is below the layers' floors {sum(floors.values())}")
+    for _, _, expert, name in sorted(candidates)[:room]:
         keep[name].append(expert)
     return keep
+
+
+def _global_keep(found, targets, method, calibration, generator) -> dict[str, list[int]]:
+    """Keep sum(targets) experts in all: each layer its top_k most important, then the best of the rest by share."""
+    importances = {name: _importance(method, calibration, name, generator) for name, _ in found}
+    floors = {name: layer_min_experts(layer) for name, layer in found}
+    return global_allocation(importances, floors, sum(targets.values()))
 
 
 def reconstruction_error(

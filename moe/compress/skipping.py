@@ -15,13 +15,15 @@ from moe.routing import Routing, count_per_expert
 class SkippingRouter(WrappingRouter):
     """Wraps a top-2 router and drops a token's second expert when ``w2 < beta * w1``.
 
-    The first expert keeps its weight unchanged (no renormalisation), as in the paper. ``beta`` is a
-    buffer (saved with the model). Inference feature: dropping pairs makes the row count data
+    ``renormalize=True`` (default, as the authors' code does): a token's kept weights are rescaled to
+    the total of its original weights, so with a renormalised top-2 router a token that skips runs its
+    first expert at weight 1. ``renormalize=False`` keeps ``w1`` as it was. ``beta`` is a buffer (saved
+    with the model). Inference feature: dropping pairs makes the row count data
     dependent (one host sync per layer). ``last_skip_fraction`` holds the share of tokens that ran one
     expert in the last forward. Cost: the wrapped router's plus O(N) for the per-token maximum.
     """
 
-    def __init__(self, router: Router, beta: float):
+    def __init__(self, router: Router, beta: float, renormalize: bool = True):
         super().__init__(router.hidden_size, router.num_experts)
         if getattr(router, "top_k", None) != 2:
             raise ValueError(f"dynamic skipping needs a top-2 router, got top_k={getattr(router, 'top_k', None)}")
@@ -29,6 +31,7 @@ class SkippingRouter(WrappingRouter):
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.source = router
         self.register_buffer("beta", torch.tensor(float(beta)))
+        self.renormalize = bool(renormalize)
         self.last_skip_fraction: torch.Tensor | None = None
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
@@ -40,10 +43,15 @@ class SkippingRouter(WrappingRouter):
         kept_experts = inner.expert_index[keep]
         skipped = inner.token_index.numel() - kept_experts.numel()
         self.last_skip_fraction = (~keep).sum() / max(inner.num_tokens, 1)
+        kept_tokens, kept_weight = inner.token_index[keep], inner.weight[keep]
+        if self.renormalize:
+            total = inner.weight.new_zeros(inner.num_tokens).index_add(0, inner.token_index, inner.weight)
+            kept_total = inner.weight.new_zeros(inner.num_tokens).index_add(0, kept_tokens, kept_weight)
+            kept_weight = kept_weight * (total / kept_total.clamp_min(torch.finfo(total.dtype).tiny))[kept_tokens]
         return Routing(
-            token_index=inner.token_index[keep],
+            token_index=kept_tokens,
             expert_index=kept_experts,
-            weight=inner.weight[keep],
+            weight=kept_weight,
             tokens_per_expert=count_per_expert(kept_experts, self.num_experts),
             logits=inner.logits,
             aux_loss=inner.aux_loss,
@@ -61,11 +69,18 @@ def skipping_betas(calibration: Calibration) -> dict[str, float]:
     return betas
 
 
-def enable_skipping(model: nn.Module, calibration: Calibration | None = None, betas: dict[str, float] | None = None):
+def enable_skipping(
+    model: nn.Module,
+    calibration: Calibration | None = None,
+    betas: dict[str, float] | None = None,
+    *,
+    renormalize: bool = True,
+):
     """Wrap every top-2 MoE layer's router in a ``SkippingRouter`` and return the betas used.
 
     Lu et al. 2024, dynamic skipping: beta per layer is the median ratio ``w2 / w1`` on calibration data
-    (``calibration``), or given explicitly (``betas``). Calibration: the recorded top-2 ratios only.
+    (``calibration``), or given explicitly (``betas``). ``renormalize``: see ``SkippingRouter``.
+    Calibration: the recorded top-2 ratios only.
     Cost: O(layers); at inference about half the tokens skip their second expert when beta is the median.
     """
     if (calibration is None) == (betas is None):
@@ -79,7 +94,7 @@ def enable_skipping(model: nn.Module, calibration: Calibration | None = None, be
         layer = layers[name]
         if isinstance(layer.router, SkippingRouter):
             raise TypeError(f"layer '{name}' already has a SkippingRouter")
-        wrapped = SkippingRouter(layer.router, beta)
+        wrapped = SkippingRouter(layer.router, beta, renormalize=renormalize)
         wrapped.layer_name = layer.router.layer_name
         layer.router = wrapped.to(next(wrapped.source.parameters()).device)
     return betas
