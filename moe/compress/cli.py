@@ -37,7 +37,7 @@ class CompressConfig:
     """``moe-compress`` settings.
 
     ``source``: a checkpoint file, or a run directory (its newest ``checkpoints/ckpt-*.pt``).
-    ``action``/``method``: ``prune`` with frequency|score|reconstruction|random, or ``merge`` with
+    ``action``/``method``: ``prune`` with frequency|score|reconstruction|reap|random, or ``merge`` with
     msmoe|hc_smoe|average. Exactly one of ``num_experts`` (experts kept per layer) and ``fraction``.
     ``calibration_batches`` training batches of ``calibration_batch_size`` sequences (default: the
     source's data.batch_size) feed calibration; ``budget``: ``layer`` (every layer keeps the same

@@ -1,4 +1,4 @@
-"""Expert pruning: frequency, routing-score, reconstruction (Lu et al. 2024) and random baselines."""
+"""Expert pruning: frequency, routing-score, reconstruction (Lu et al. 2024), REAP (Lasby et al. 2025), random."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from moe.compress.calibration import Calibration, all_expert_outputs, collect_in
 from moe.compress.surgery import keep_experts, keep_router_experts
 from moe.layer import MoELayer, moe_layers
 
-PRUNE_METHODS = ("frequency", "score", "reconstruction", "random")
+PRUNE_METHODS = ("frequency", "score", "reconstruction", "reap", "random")
 BUDGETS = ("layer", "global")
 
 
@@ -73,6 +73,8 @@ def _importance(method: str, calibration: Calibration, name: str, generator: tor
     if method == "score":
         total = stats.score_mass.sum()
         return stats.score_mass / total if total > 0 else torch.full_like(stats.score_mass, 1 / stats.num_experts)
+    if method == "reap":
+        return stats.reap_saliency
     return torch.rand(stats.num_experts, generator=generator, dtype=torch.float64)
 
 
@@ -192,6 +194,10 @@ def prune(
             subset, a router pass on N rows and an N·K·H combine. ``progressive``: layers in model
             order, each reading inputs from the model with earlier layers already pruned (one model
             forward per layer) and reconstructing the original model's outputs.
+        ``reap``: REAP (Lasby et al. 2025, read from the authors' code): drop the experts with the least
+            saliency S_e = mean over the tokens routed to e of softmax(z)_e · ‖f_e(x)‖₂ (router probability
+            times the norm of the expert's output). Calibration: one running sum per expert (every expert
+            runs on every calibration token anyway); cost O(E log E) per layer.
         ``random``: a uniformly random subset (baseline, ``seed``).
 
     Args:
@@ -212,8 +218,8 @@ def prune(
         raise ValueError(f"max_subsets must be an int >= 1, got {max_subsets!r}")
     if progressive and method != "reconstruction":
         raise ValueError(f"progressive=True applies to method='reconstruction', got method={method!r}")
-    if budget == "global" and method == "reconstruction":
-        raise ValueError("budget='global' supports frequency, score and random; reconstruction is layer-wise")
+    if budget == "global" and method in ("reconstruction", "reap"):
+        raise ValueError(f"budget='global' supports frequency, score and random; {method} is layer-wise")
     found = _checked_layers(model, calibration, layers)
     targets = {}
     for name, layer in found:

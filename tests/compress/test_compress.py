@@ -479,3 +479,24 @@ def test_msmoe_global_budget_merges_the_layer_with_unused_experts_first():
     assert model.first.num_experts == 8 and model.second.num_experts == 6
     with pytest.raises(ValueError, match="msmoe"):
         compress.merge(model, cal, method="hc_smoe", num_experts=4, budget="global")
+
+
+@torch.no_grad()
+def test_reap_saliency_matches_a_direct_loop_and_drops_the_least_salient():
+    model = TwoLayers()
+    data = batches()
+    cal = compress.calibrate(model, data, chunk_tokens=7)  # chunks that do not divide the token count
+    layer = model.first
+    x = torch.cat([b.reshape(-1, H) for b in data])
+    probs = (x @ layer.router.gate.weight.T).softmax(-1)
+    chosen = probs.topk(2, dim=-1).indices
+    expected = torch.zeros(E, dtype=torch.float64)
+    for e in range(E):
+        tokens = (chosen == e).any(-1).nonzero().flatten().tolist()
+        values = [float(probs[t, e]) * float(expert_out(layer, e, x[t : t + 1]).norm()) for t in tokens]
+        expected[e] = sum(values) / len(values) if values else 0.0
+    torch.testing.assert_close(cal["first"].reap_saliency, expected, rtol=1e-4, atol=1e-6)
+    kept = compress.prune(model, cal, method="reap", num_experts=5, layers=["first"])["first"]
+    assert sorted(kept) == sorted(expected.argsort(descending=True)[:5].tolist())
+    with pytest.raises(ValueError, match="layer-wise"):
+        compress.prune(model, cal, method="reap", num_experts=5, budget="global", layers=["second"])
