@@ -35,8 +35,8 @@ class FusedTopKRouter(TopKRouter):
     """``TopKRouter`` whose dropless path runs ``moe.kernels.topk_route`` and never synchronises with the host.
 
     Same arguments, parameters and outputs as ``TopKRouter`` (state dicts are interchangeable). Capacity
-    drops and group-limited routing use the parent's pure-torch path (they sync to size the kept pairs), as
-    do inputs the kernels cannot run on (CPU without the Triton interpreter).
+    drops, group-limited routing and noisy gating use the parent's pure-torch path (capacity syncs to size the
+    kept pairs), as do inputs the kernels cannot run on (CPU without the Triton interpreter).
     The (T, E) scores are still formed in torch for the aux losses (the parent's formulas). Half-precision
     logits on CUDA come from one tensor-core GEMM accumulating in float32 (``compute_logits``).
     """
@@ -53,7 +53,8 @@ class FusedTopKRouter(TopKRouter):
         return logits
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
-        if self.capacity_factor is not None or self.num_groups is not None or not kernels_usable(x):
+        unfused = self.capacity_factor is not None or self.num_groups is not None or self.noise is not None
+        if unfused or not kernels_usable(x):
             return super().route(x, seq_len=seq_len, token_ids=token_ids)
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)

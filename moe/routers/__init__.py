@@ -4,8 +4,10 @@ from moe.routers.base import Router
 from moe.routers.base_layer import BASERouter
 from moe.routers.expert_choice import ExpertChoiceRouter
 from moe.routers.hash import HashRouter
+from moe.routers.null_experts import NullExpertRouter
 from moe.routers.relu import ReLURouter
 from moe.routers.sinkhorn import SinkhornRouter
+from moe.routers.top_p import TopPRouter
 from moe.routers.topk import TopKRouter
 
 ROUTERS: dict[str, type[Router]] = {
@@ -15,6 +17,8 @@ ROUTERS: dict[str, type[Router]] = {
     "base": BASERouter,
     "sinkhorn": SinkhornRouter,
     "hash": HashRouter,
+    "top_p": TopPRouter,
+    "null_experts": NullExpertRouter,
 }
 
 
@@ -30,9 +34,11 @@ __all__ = [
     "BASERouter",
     "ExpertChoiceRouter",
     "HashRouter",
+    "NullExpertRouter",
     "ReLURouter",
     "Router",
     "SinkhornRouter",
     "TopKRouter",
+    "TopPRouter",
     "build_router",
 ]

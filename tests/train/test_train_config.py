@@ -12,7 +12,7 @@ from moe.train.trainer import WarmupCosine
 
 GROUPS = {
     "model": ["tiny", "small", "dense"],
-    "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash"],
+    "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash", "top_p", "null_experts"],
     "experts": ["grouped", "loop"],
     "data": ["stdlib"],
     "optim": ["adamw"],
