@@ -191,6 +191,9 @@ class TrainerSchema:
 
     ``resume``: "auto" (newest checkpoint in the run directory, if any), "none", or a checkpoint path.
     ``eval_interval`` / ``ckpt_interval`` of 0 mean "only at the end".
+    ``init_from``: start a fresh run from the weights of a dense run (its directory or checkpoint):
+    an MoE model is upcycled from it (``moe.upcycle.init_model_from``), ``init_drop_fraction`` of each
+    expert's hidden units re-initialised (Drop-Upcycling); ignored when the run resumes.
     """
 
     max_steps: int = 600
@@ -207,9 +210,13 @@ class TrainerSchema:
     zero_stage: int = 1
     threads: int | None = None
     export_safetensors: bool = True
+    init_from: str | None = None
+    init_drop_fraction: float = 0.0
 
     def __post_init__(self):
         _at_least("trainer.max_steps", self.max_steps, 1)
+        if not 0.0 <= self.init_drop_fraction <= 1.0:
+            raise ValueError(f"trainer.init_drop_fraction={self.init_drop_fraction} is not valid; it must be in [0, 1]")
         _at_least("trainer.seed", self.seed, 0)
         _at_least("trainer.log_interval", self.log_interval, 1)
         _at_least("trainer.eval_interval", self.eval_interval, 0)
