@@ -16,7 +16,7 @@ class NullExpertRouter(Router):
     """Top-k over E real plus n null experts; null experts output zero and cost nothing.
 
     Read from the authors' code (CengZihao/AdaMoE): the null experts have their own gate rows
-    (``null_gate``, n x H), P = softmax over all E + n logits, each token takes the top k of P, and
+    (``null_gate``, 1 x n x H), P = softmax over all E + n logits, each token takes the top k of P, and
     the weights of its real experts are renormalised to sum to 1 (``normalize_weights``). A token's
     number of real experts therefore varies from 0 to k; ``Routing`` holds only the real pairs (a
     token routed only to null experts gets none, and output 0 from this layer). ``Routing.logits``
@@ -53,14 +53,16 @@ class NullExpertRouter(Router):
         self.normalize_weights = bool(normalize_weights)
         self.load_balancing_coef = load_balancing_coef
         self.z_loss_coef = z_loss_coef
-        self.null_gate = nn.Parameter(torch.empty(num_null_experts, hidden_size))
+        # (1, n, H): a leading dim that is never E, so expert surgery (moe.compress) refuses to slice it
+        # as if it were per real expert (it would be whenever n == E).
+        self.null_gate = nn.Parameter(torch.empty(1, num_null_experts, hidden_size))
         nn.init.normal_(self.null_gate, std=hidden_size**-0.5)
 
     def route(self, x, *, seq_len=None, token_ids=None) -> Routing:
         """The real-expert pairs of a top-k over E + n experts, with the weighted losses."""
         logits = self.compute_logits(x)
         with torch.autocast(x.device.type, enabled=False):
-            null_logits = F.linear(x.to(logits.dtype), self.null_gate.to(logits.dtype))
+            null_logits = F.linear(x.to(logits.dtype), self.null_gate[0].to(logits.dtype))
         all_logits = torch.cat([logits, null_logits], dim=-1)
         probs = all_logits.softmax(-1)
         num_tokens = logits.shape[0]

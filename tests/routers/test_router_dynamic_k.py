@@ -69,12 +69,12 @@ def test_null_expert_router_keeps_only_real_pairs_renormalised():
     torch.manual_seed(2)
     router = NullExpertRouter(H, E, top_k=2, num_null_experts=2)
     with torch.no_grad():
-        router.null_gate[:] = 5 * router.gate.weight[0]  # tokens aligned with expert 0 pick null experts
+        router.null_gate[0, :] = 5 * router.gate.weight[0]  # tokens aligned with expert 0 pick null experts
     x = torch.randn(50, H) * 2
     x[:4] = 3 * router.gate.weight[0]  # ...and so do these, strongly
     routing = router(x)
     check_contract(routing, 50, E)
-    logits = torch.cat([x @ router.gate.weight.T, x @ router.null_gate.T], -1)
+    logits = torch.cat([x @ router.gate.weight.T, x @ router.null_gate[0].T], -1)
     probs = logits.softmax(-1)
     top = probs.topk(2, dim=-1)
     expected = []
@@ -97,6 +97,14 @@ def test_null_expert_router_keeps_only_real_pairs_renormalised():
     torch.testing.assert_close(out[per_token == 0], torch.zeros(int((per_token == 0).sum()), H))
     assert layer.last_stats.experts_per_token == pytest.approx(routing.token_index.numel() / 50)
     assert gradcheck_router(NullExpertRouter(4, 3, top_k=2, num_null_experts=1), with_aux_loss=True)
+
+
+def test_expert_surgery_refuses_a_null_expert_router_even_when_n_equals_e():
+    from moe.compress.surgery import keep_experts
+
+    layer = moe.MoELayer(H, 12, 3, router="null_experts", top_k=2, num_null_experts=3)
+    with pytest.raises(ValueError, match="null_gate"):
+        keep_experts(layer, [0, 1])
 
 
 def test_noisy_gating_adds_softplus_scaled_noise_in_training_only():
