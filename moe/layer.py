@@ -22,6 +22,7 @@ class RoutingStats:
     tokens_per_expert: torch.Tensor
     dropped_fraction: float
     aux_loss: torch.Tensor
+    experts_per_token: float = 0.0  # routed (token, expert) pairs per token: k for top-k, measured for dynamic-k
 
 
 class MoELayer(nn.Module):
@@ -167,6 +168,7 @@ class MoELayer(nn.Module):
             tokens_per_expert=routing.tokens_per_expert.detach(),
             dropped_fraction=routing.dropped_fraction,
             aux_loss=routing.aux_loss.detach(),
+            experts_per_token=routing.token_index.numel() / max(routing.num_tokens, 1),
         )
         return out.view(x.shape)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: float) -> torch.Tensor:
     """Switch/top-k load-balancing loss ``E / (k T^2) * sum_e (sum_t p_te) * count_e``.
 
+    ``top_k`` is k, or for dynamic-k routers the measured pairs per token.
     ``probs`` is (T, E); ``tokens_per_expert`` is (E,) and gets no gradient. Equals 1 at perfect
     balance and E at total collapse with k = 1. Returns 0 for T = 0.
     """
@@ -44,3 +45,14 @@ def sequence_load_balancing_loss(
     per_seq_counts = expert_mask.detach().to(scores.dtype).view(-1, seq_len, num_experts).sum(1)
     per_seq = num_experts / (top_k * seq_len**2) * (per_seq_scores * per_seq_counts).sum(-1)
     return per_seq.mean()
+
+
+def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy ``-Σ_e p_te log p_te`` of (T, E) routing probabilities (0 for T = 0).
+
+    Top-p routing's "dynamic loss" (Huang et al. 2024): minimising it sharpens P, so a token cannot
+    buy more experts by flattening its distribution.
+    """
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    return -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(-1).mean()

@@ -319,20 +319,27 @@ class GPT(nn.Module):
         held = sum(p.numel() for p in self.parameters())
         return held + sum((layer.num_experts - layer.experts.num_experts) * _per_expert(layer) for layer in self._moe())
 
-    def num_active_params(self) -> int:
+    def num_active_params(self, experts_per_token: float | None = None) -> int:
         """Parameters used per token: everything except the experts a token skips.
 
-        Each MoE layer counts ``cfg.top_k`` of its ``num_experts`` experts (for expert-choice routing,
-        where a token gets a variable number of experts, ``top_k`` stands for the average); routers,
-        shared experts, attention, norms and embeddings count in full. Independent of expert parallelism.
+        Each MoE layer counts ``experts_per_token`` of its ``num_experts`` experts: by default
+        ``cfg.top_k``; routers with a variable number per token (expert choice, top-p, null experts,
+        ReLU) should pass the measured average (``RoutingStats.experts_per_token``; rounded to the
+        nearest parameter). Routers, shared experts, attention, norms and embeddings count in full.
+        Independent of expert parallelism.
         """
-        inactive = sum((layer.num_experts - self.cfg.top_k) * _per_expert(layer) for layer in self._moe())
-        return self.num_params() - inactive
+        used = self.cfg.top_k if experts_per_token is None else experts_per_token
+        if experts_per_token is not None and not 0 <= experts_per_token <= self.cfg.num_experts:
+            raise ValueError(
+                f"experts_per_token must be in [0, num_experts={self.cfg.num_experts}], got {experts_per_token}"
+            )
+        inactive = sum((layer.num_experts - used) * _per_expert(layer) for layer in self._moe())
+        return self.num_params() - round(inactive)
 
     def _moe(self) -> list[MoELayer]:
         return [layer for _, layer in moe_layers(self)]
 
-    def flops_per_token(self) -> int:
+    def flops_per_token(self, experts_per_token: float | None = None) -> int:
         """Training FLOPs per token (forward + backward): ``6 * N + 12 * L * H * seq_len``.
 
         ``N`` = active parameters that take part in a matmul: ``num_active_params()`` less the input
@@ -340,8 +347,9 @@ class GPT(nn.Module):
         matmul counts whether tied or not. ``12 * L * H * seq_len`` is attention's QK^T and AV matmuls (2 * 2 * H * T
         forward per layer, times 3 for forward + backward) over a full ``seq_len`` context, the usual
         convention (PaLM, nanoGPT); causal masking could halve it. Norms, softmax and rotary are ignored.
+        ``experts_per_token``: as in ``num_active_params``.
         """
-        matmul_params = self.num_active_params()
+        matmul_params = self.num_active_params(experts_per_token)
         matmul_params -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.RMSNorm))
         if not self.cfg.tie_embeddings:
             matmul_params -= self.embed.weight.numel()

@@ -47,6 +47,8 @@ class LayerCalibration:
             experts' router-logit columns over all tokens (cosine similarity follows exactly).
         output_sum: (E, H) float64, sum over all tokens of each expert's output (every expert is run
             on every token, routed or not).
+        reap_sum: (E,) float64, sum over the tokens routed to each expert of ``softmax(z)_e · ‖f_e(x)‖₂``
+            (REAP's saliency numerator).
         inputs, outputs: (N, H) float32 on ``storage_device``: the first N tokens' layer inputs and
             outputs, N limited by the memory budget.
         token_ids: (N,) int64 token ids for those rows when the model passed them, else None.
@@ -60,6 +62,7 @@ class LayerCalibration:
     score_mass: torch.Tensor
     logit_gram: torch.Tensor
     output_sum: torch.Tensor
+    reap_sum: torch.Tensor
     inputs: torch.Tensor
     outputs: torch.Tensor
     token_ids: torch.Tensor | None
@@ -82,6 +85,11 @@ class LayerCalibration:
     def mean_output(self) -> torch.Tensor:
         """(E, H) each expert's mean output over all calibration tokens (HC-SMoE's feature)."""
         return self.output_sum / max(self.num_tokens, 1)
+
+    @property
+    def reap_saliency(self) -> torch.Tensor:
+        """(E,) REAP saliency: mean over the routed tokens of ``softmax(z)_e · ‖f_e(x)‖₂`` (0 if unused)."""
+        return self.reap_sum / self.selection_count.clamp_min(1)
 
     def logit_cosine(self) -> torch.Tensor:
         """(E, E) cosine similarity of the experts' router-logit columns."""
@@ -151,11 +159,19 @@ class _LayerCollector:
         weights = dense_weights(routing)
         self.num_tokens += flat.shape[0]
         self._add("selection_count", routing.tokens_per_expert)
-        self._add("score_mass", routing.logits.softmax(-1).sum(0))
+        probs = routing.logits.softmax(-1)
+        self._add("score_mass", probs.sum(0))
         logits64 = routing.logits.to(torch.float64)
         self._add("logit_gram", logits64.T @ logits64)
-        for chunk in flat.split(self.chunk_tokens):
-            self._add("output_sum", all_expert_outputs(module, chunk, self.chunk_tokens).float().sum(1))
+        routed_probs = torch.zeros_like(probs).index_put_(
+            (routing.token_index, routing.expert_index), probs.new_ones(())
+        )
+        routed_probs = routed_probs * probs  # softmax(z)_te where t was routed to e, else 0
+        for start in range(0, flat.shape[0], self.chunk_tokens):
+            outputs = all_expert_outputs(module, flat[start : start + self.chunk_tokens], self.chunk_tokens).float()
+            self._add("output_sum", outputs.sum(1))
+            norms = torch.linalg.vector_norm(outputs, dim=-1)  # (E, chunk)
+            self._add("reap_sum", (routed_probs[start : start + self.chunk_tokens].T * norms).sum(1))
         room = self.max_rows - self.stored_rows
         if room > 0:
             out_flat = output.reshape(-1, output.shape[-1])
@@ -184,6 +200,7 @@ class _LayerCollector:
             score_mass=self.sums["score_mass"].cpu(),
             logit_gram=self.sums["logit_gram"].cpu(),
             output_sum=self.sums["output_sum"].cpu(),
+            reap_sum=self.sums["reap_sum"].cpu(),
             inputs=torch.cat(self.inputs) if self.inputs else torch.zeros(0, hidden),
             outputs=torch.cat(self.outputs) if self.outputs else torch.zeros(0, hidden),
             token_ids=torch.cat(self.token_ids) if self.saw_token_ids else None,

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from moe.compress.calibration import calibrate
 from moe.compress.merge import LINKAGES, MERGE_METHODS, merge
-from moe.compress.prune import PRUNE_METHODS, prune, target_count
+from moe.compress.prune import BUDGETS, PRUNE_METHODS, prune, target_count
 from moe.layer import moe_layers
 
 ACTIONS = ("prune", "merge")
@@ -36,10 +36,13 @@ class CompressConfig:
     """``moe-compress`` settings.
 
     ``source``: a checkpoint file, or a run directory (its newest ``checkpoints/ckpt-*.pt``).
-    ``action``/``method``: ``prune`` with frequency|score|reconstruction|random, or ``merge`` with
+    ``action``/``method``: ``prune`` with frequency|score|reconstruction|reap|random, or ``merge`` with
     msmoe|hc_smoe|average. Exactly one of ``num_experts`` (experts kept per layer) and ``fraction``.
     ``calibration_batches`` training batches of ``calibration_batch_size`` sequences (default: the
-    source's data.batch_size) feed calibration; ``memory_budget_mb`` caps the cached layer inputs and
+    source's data.batch_size) feed calibration; ``budget``: ``layer`` (every layer keeps the same
+    count; the default, since a ``moe-train`` config holds one expert count) or ``global`` (prune:
+    frequency|score|random; merge: msmoe), which succeeds only when every layer ends with the same count;
+    ``memory_budget_mb`` caps the cached layer inputs and
     outputs. ``output``: where to write (default: the Hydra run directory); it must not hold checkpoints.
     """
 
@@ -48,6 +51,7 @@ class CompressConfig:
     method: str = "frequency"
     num_experts: int | None = None
     fraction: float | None = None
+    budget: str = "layer"
     progressive: bool = False
     max_subsets: int = 1000
     linkage: str = "average"
@@ -74,6 +78,8 @@ class CompressConfig:
             raise ValueError(f"num_experts={self.num_experts} is not valid; it must be >= 1")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction} is not valid; it must be in (0, 1]")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget={self.budget!r} is not valid; valid: {list(BUDGETS)}")
         if self.linkage not in LINKAGES:
             raise ValueError(f"linkage={self.linkage!r} is not valid; valid: {list(LINKAGES)}")
         for key in ("max_subsets", "calibration_batches", "memory_budget_mb"):
@@ -91,7 +97,9 @@ def _compressed_config(cfg, layers) -> dict:
 
     counts = {layer.num_experts for _, layer in layers}
     if len(counts) != 1:
-        raise ValueError(f"layers ended with different expert counts {sorted(counts)}; moe-train configs hold one")
+        raise ValueError(
+            f"layers ended with different expert counts {sorted(counts)}; moe-train configs hold one (use budget=layer)"
+        )
     config = to_dict(cfg)
     config["model"]["num_experts"] = counts.pop()
     groupings = [(layer.router, *layer.router.expert_grouping()) for _, layer in layers]
@@ -170,13 +178,20 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
             calibration,
             method=ccfg.method,
             num_experts=target,
+            budget=ccfg.budget,
             progressive=ccfg.progressive,
             max_subsets=ccfg.max_subsets,
             seed=ccfg.seed,
         )
     else:
         result = merge(
-            model, calibration, method=ccfg.method, num_experts=target, linkage=ccfg.linkage, align=ccfg.align
+            model,
+            calibration,
+            method=ccfg.method,
+            num_experts=target,
+            linkage=ccfg.linkage,
+            align=ccfg.align,
+            budget=ccfg.budget,
         )
     timings["compress_s"] = time.perf_counter() - started - sum(timings.values())
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from moe.compress.cli import CompressConfig, compress_checkpoint
 from moe.train.checkpoint import atomic_write_bytes
 
-PRUNE = ("frequency", "score", "reconstruction")
+PRUNE = ("frequency", "score", "reconstruction", "reap")
 MERGE = ("msmoe", "hc_smoe")
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moe.compress.calibration import Calibration
-from moe.compress.prune import _checked_layers, _ranked, target_count
+from moe.compress.prune import BUDGETS, _checked_layers, _ranked, global_allocation, target_count
 from moe.compress.surgery import align_to, merge_groups
 from moe.layer import MoELayer
 
@@ -71,6 +71,7 @@ def merge(
     *,
     linkage: str = "average",
     align: bool | None = None,
+    budget: str | None = None,
     layers=None,
 ) -> dict[str, list[list[int]]]:
     """Merge the experts of every calibrated MoE layer in place; return each layer's groups (original ids).
@@ -82,9 +83,10 @@ def merge(
 
     Methods:
         ``msmoe``: the merge step of MC-SMoE (Li et al., ICLR 2024). Dominant experts = the most
-            frequent; the others join the dominant expert with the most similar router-logit column
-            (cosine over calibration tokens); members are permutation-aligned to the group's most
-            frequent expert by weight matching (``linear_sum_assignment``) before averaging.
+            frequent (how many per layer: ``budget``); the others join the dominant expert with the most
+            similar router-logit column (cosine over calibration tokens); members are permutation-aligned
+            to the group's most frequent expert by weight matching (``linear_sum_assignment``) before
+            averaging.
             Calibration: selection counts and the logit Gram matrix. Cost: O(E·G) grouping plus one
             O(F³) assignment per merged member.
         ``hc_smoe``: HC-SMoE (Chen et al., ICML 2025). Hierarchical clustering (``linkage`` average or
@@ -97,6 +99,10 @@ def merge(
     Args:
         num_experts: merged experts per layer (int) or fraction (float in (0, 1]).
         align: permutation-align members before averaging; default True for ``msmoe`` only.
+        budget: how many groups each layer gets. ``layer``: ``num_experts`` in every layer. ``global``
+            (``msmoe`` only, and its default, as in the MC-SMoE reference): layers × ``num_experts``
+            dominant experts in all, chosen by normalised frequency ranked across all layers, at least
+            one per layer, so a layer with rarely used experts merges more and a busy layer less.
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"method must be one of {MERGE_METHODS}, got {method!r}")
@@ -108,12 +114,22 @@ def merge(
         num_experts = 1
     if num_experts is None:
         raise ValueError("num_experts (per-layer count or fraction) is required")
+    budget = ("global" if method == "msmoe" else "layer") if budget is None else budget
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if budget == "global" and method != "msmoe":
+        raise ValueError(f"budget='global' applies to method='msmoe', got method={method!r}")
     align = method == "msmoe" if align is None else bool(align)
     found = _checked_layers(model, calibration, layers)
+    counts = {name: target_count(num_experts, layer.num_experts, name) for name, layer in found}
+    if budget == "global":
+        frequencies = {name: calibration[name].frequency for name, _ in found}
+        plan = global_allocation(frequencies, dict.fromkeys(counts, 1), sum(counts.values()))
+        counts = {name: len(kept) for name, kept in plan.items()}
     result = {}
     for name, layer in found:
         stats = calibration[name]
-        count = target_count(num_experts, layer.num_experts, name)
+        count = counts[name]
         if method == "msmoe":
             groups = msmoe_groups(stats.frequency, stats.logit_cosine(), count)
         elif method == "hc_smoe":

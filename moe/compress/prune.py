@@ -1,4 +1,4 @@
-"""Expert pruning: frequency, routing-score, reconstruction (Lu et al. 2024) and random baselines."""
+"""Expert pruning: frequency, routing-score, reconstruction (Lu et al. 2024), REAP (Lasby et al. 2025), random."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from moe.compress.calibration import Calibration, all_expert_outputs, collect_in
 from moe.compress.surgery import keep_experts
 from moe.layer import MoELayer, moe_layers
 
-PRUNE_METHODS = ("frequency", "score", "reconstruction", "random")
+PRUNE_METHODS = ("frequency", "score", "reconstruction", "reap", "random")
 BUDGETS = ("layer", "global")
 
 
@@ -68,25 +68,37 @@ def _importance(method: str, calibration: Calibration, name: str, generator: tor
     if method == "score":
         total = stats.score_mass.sum()
         return stats.score_mass / total if total > 0 else torch.full_like(stats.score_mass, 1 / stats.num_experts)
+    if method == "reap":
+        return stats.reap_saliency
     return torch.rand(stats.num_experts, generator=generator, dtype=torch.float64)
+
+
+def global_allocation(importances: dict[str, torch.Tensor], floors: dict[str, int], total: int) -> dict[str, list[int]]:
+    """Experts kept per layer under one global budget of ``total``: each layer keeps its ``floors[name]``
+    most important, the rest of the budget goes to the largest importances across layers.
+
+    Importances must be comparable across layers (each layer's normalised shares). Ties: layer order,
+    then the lower id. Lists are in the order the experts were admitted.
+    """
+    keep: dict[str, list[int]] = {}
+    candidates = []
+    for index, (name, importance) in enumerate(importances.items()):
+        order = _ranked(importance)
+        keep[name] = order[: floors[name]]
+        candidates += [(-float(importance[e]), index, e, name) for e in order[floors[name] :]]
+    room = total - sum(len(v) for v in keep.values())
+    if room < 0:
+        raise ValueError(f"a global budget of {total} experts is below the layers' floors {sum(floors.values())}")
+    for _, _, expert, name in sorted(candidates)[:room]:
+        keep[name].append(expert)
+    return keep
 
 
 def _global_keep(found, targets, method, calibration, generator) -> dict[str, list[int]]:
     """Keep sum(targets) experts in all: each layer its top_k most important, then the best of the rest by share."""
-    keep: dict[str, list[int]] = {}
-    candidates = []
-    for name, layer in found:
-        importance = _importance(method, calibration, name, generator)
-        order = _ranked(importance)
-        floor = layer.router.min_experts
-        keep[name] = order[:floor]
-        candidates += [(-float(importance[e]), name, e) for e in order[floor:]]
-    room = sum(targets.values()) - sum(len(v) for v in keep.values())
-    if room < 0:
-        raise ValueError(f"a global budget of {sum(targets.values())} experts is below the layers' top_k floors")
-    for _, name, expert in sorted(candidates)[:room]:
-        keep[name].append(expert)
-    return keep
+    importances = {name: _importance(method, calibration, name, generator) for name, _ in found}
+    floors = {name: layer.router.min_experts for name, layer in found}
+    return global_allocation(importances, floors, sum(targets.values()))
 
 
 def reconstruction_error(
@@ -177,6 +189,10 @@ def prune(
             subset, a router pass on N rows and an N·K·H combine. ``progressive``: layers in model
             order, each reading inputs from the model with earlier layers already pruned (one model
             forward per layer) and reconstructing the original model's outputs.
+        ``reap``: REAP (Lasby et al. 2025, read from the authors' code): drop the experts with the least
+            saliency S_e = mean over the tokens routed to e of softmax(z)_e · ‖f_e(x)‖₂ (router probability
+            times the norm of the expert's output). Calibration: one running sum per expert (every expert
+            runs on every calibration token anyway); cost O(E log E) per layer.
         ``random``: a uniformly random subset (baseline, ``seed``).
 
     Args:
@@ -197,8 +213,8 @@ def prune(
         raise ValueError(f"max_subsets must be an int >= 1, got {max_subsets!r}")
     if progressive and method != "reconstruction":
         raise ValueError(f"progressive=True applies to method='reconstruction', got method={method!r}")
-    if budget == "global" and method == "reconstruction":
-        raise ValueError("budget='global' supports frequency, score and random; reconstruction is layer-wise")
+    if budget == "global" and method in ("reconstruction", "reap"):
+        raise ValueError(f"budget='global' supports frequency, score and random; {method} is layer-wise")
     found = _checked_layers(model, calibration, layers)
     targets = {}
     for name, layer in found:

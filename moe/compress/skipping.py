@@ -16,8 +16,10 @@ from moe.routing import Routing, count_per_expert
 class SkippingRouter(WrappingRouter):
     """Wraps a top-2 router and drops a token's second expert when ``w2 < beta * w1``.
 
-    The first expert keeps its weight unchanged (no renormalisation), as in the paper. ``beta`` is a
-    buffer (saved with the model). Inference feature: dropping pairs makes the row count data
+    ``renormalize=True`` (default, as the authors' code does): a token's kept weights are rescaled to
+    the total of its original weights, so with a renormalised top-2 router a token that skips runs its
+    first expert at weight 1. ``renormalize=False`` keeps ``w1`` as it was. ``beta`` is a buffer (saved
+    with the model). Inference feature: dropping pairs makes the row count data
     dependent (one host sync per layer). ``last_skip_fraction`` holds the share of tokens that ran one
     expert in the last forward. Cost: the wrapped router's plus O(N) for the per-token maximum.
 
@@ -26,6 +28,8 @@ class SkippingRouter(WrappingRouter):
             name built with ``top_k`` (when given) and ``router_kwargs``.
         beta: the skip threshold; the default 0 skips nothing until a saved beta is loaded with the
             state dict (how a model with skipping is rebuilt by the internal router name "skipping").
+        renormalize: see above; not saved with the state dict: rebuilding by the name "skipping" takes it
+            as a keyword argument (default True).
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class SkippingRouter(WrappingRouter):
         source_router: str | Router = "topk",
         *,
         beta: float = 0.0,
+        renormalize: bool = True,
         top_k: int | None = None,
         **router_kwargs,
     ):
@@ -46,6 +51,7 @@ class SkippingRouter(WrappingRouter):
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.source = source
         self.register_buffer("beta", torch.tensor(float(beta)))
+        self.renormalize = bool(renormalize)
         self.last_skip_fraction: torch.Tensor | None = None
 
     @property
@@ -62,10 +68,15 @@ class SkippingRouter(WrappingRouter):
         kept_experts = inner.expert_index[keep]
         skipped = inner.token_index.numel() - kept_experts.numel()
         self.last_skip_fraction = (~keep).sum() / max(inner.num_tokens, 1)
+        kept_tokens, kept_weight = inner.token_index[keep], inner.weight[keep]
+        if self.renormalize:
+            total = inner.weight.new_zeros(inner.num_tokens).index_add(0, inner.token_index, inner.weight)
+            kept_total = inner.weight.new_zeros(inner.num_tokens).index_add(0, kept_tokens, kept_weight)
+            kept_weight = kept_weight * (total / kept_total.clamp_min(torch.finfo(total.dtype).tiny))[kept_tokens]
         return Routing(
-            token_index=inner.token_index[keep],
+            token_index=kept_tokens,
             expert_index=kept_experts,
-            weight=inner.weight[keep],
+            weight=kept_weight,
             tokens_per_expert=count_per_expert(kept_experts, self.num_experts),
             logits=inner.logits,
             aux_loss=inner.aux_loss,
@@ -83,11 +94,18 @@ def skipping_betas(calibration: Calibration) -> dict[str, float]:
     return betas
 
 
-def enable_skipping(model: nn.Module, calibration: Calibration | None = None, betas: dict[str, float] | None = None):
+def enable_skipping(
+    model: nn.Module,
+    calibration: Calibration | None = None,
+    betas: dict[str, float] | None = None,
+    *,
+    renormalize: bool = True,
+):
     """Wrap every top-2 MoE layer's router in a ``SkippingRouter`` and return the betas used.
 
     Lu et al. 2024, dynamic skipping: beta per layer is the median ratio ``w2 / w1`` on calibration data
-    (``calibration``), or given explicitly (``betas``). Calibration: the recorded top-2 ratios only.
+    (``calibration``), or given explicitly (``betas``). ``renormalize``: see ``SkippingRouter``.
+    Calibration: the recorded top-2 ratios only.
     Cost: O(layers); at inference about half the tokens skip their second expert when beta is the median.
     """
     if (calibration is None) == (betas is None):
@@ -101,7 +119,7 @@ def enable_skipping(model: nn.Module, calibration: Calibration | None = None, be
         layer = layers[name]
         if router_name(layer.router) == "skipping":
             raise TypeError(f"layer '{name}' already has a SkippingRouter")
-        wrapped = SkippingRouter(layer.hidden_size, layer.num_experts, layer.router, beta=beta)
+        wrapped = SkippingRouter(layer.hidden_size, layer.num_experts, layer.router, beta=beta, renormalize=renormalize)
         wrapped.layer_name = layer.router.layer_name
         layer.router = wrapped.to(next(wrapped.source.parameters()).device)
     return betas

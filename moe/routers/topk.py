@@ -11,6 +11,8 @@ import torch.distributed as dist
 from moe.kernel_support import HAVE_TRITON, kernels_usable
 from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
 from moe.routers.base import Router, all_reduce_if_distributed
+from moe.routers.global_balance import BALANCE_SCOPES, GlobalBatchCounts
+from moe.routers.noise import NoisyGating
 from moe.routers.registry import register_router
 from moe.routing import Routing, count_per_expert, group_by_expert
 from moe.validation import check_nonnegative_float, check_positive_float, check_positive_int, check_top_k
@@ -36,6 +38,9 @@ class TopKRouter(Router):
             the k" is exactly softmax-then-top-k with normalisation, so there is one option, not two.
         route_scale: multiplies the final weights (DeepSeek-V3 uses 2.5 with sigmoid scores).
         jitter_eps: in training only, multiply the router input by U(1 - eps, 1 + eps) (Switch: 0.01).
+        noisy_gating: in training only, select and weight with the noisy logits
+            ``z + ε · softplus(x · W_noise)`` of Shazeer et al. 2017 (``moe.routers.noise.NoisyGating``,
+            a learned zero-initialised ``W_noise``); ``Routing.logits`` and the aux losses see them too.
         capacity_factor: None for dropless; otherwise each expert keeps at most
             ``C = ceil(k * T / E * capacity_factor)`` pairs and the rest are dropped.
         drop_policy: with a capacity, keep each expert's highest-``"probability"`` pairs or its first
@@ -50,6 +55,10 @@ class TopKRouter(Router):
             load-balancing loss (1e-2), the ST-MoE z-loss (1e-3) and the DeepSeek-V3 sequence-wise
             balance loss (0; V3 uses 1e-4 together with the bias). Sigmoid scores are normalised to
             sum to 1 per token inside the balance losses. The counts are taken before capacity drops.
+        balance_scope: ``"micro_batch"`` counts the Switch loss's tokens per expert in this forward;
+            ``"global_batch"`` (Qiu et al. 2025) sums them over the data-parallel group and over the
+            step's micro-batches so far (``moe.routers.global_balance.GlobalBatchCounts``, reset by
+            ``step_update``) while the probabilities stay local.
 
     Attribute ``triton_topk`` (default False; ``MoELayer(dispatcher="triton")`` sets it): select with the
     fused Triton kernel ``moe.kernels.topk_route`` (scores, top-k, normalisation and counts in one pass)
@@ -72,6 +81,7 @@ class TopKRouter(Router):
         normalize_weights: bool | None = None,
         route_scale: float = 1.0,
         jitter_eps: float = 0.0,
+        noisy_gating: bool = False,
         capacity_factor: float | None = None,
         drop_policy: str = "probability",
         num_groups: int | None = None,
@@ -80,11 +90,14 @@ class TopKRouter(Router):
         load_balancing_coef: float = 1e-2,
         z_loss_coef: float = 1e-3,
         sequence_balance_coef: float = 0.0,
+        balance_scope: str = "micro_batch",
     ):
         super().__init__(hidden_size, num_experts)
         self.top_k = check_top_k(top_k, num_experts)
         if score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
+        if balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {balance_scope!r}")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
         if capacity_factor is not None:
@@ -117,6 +130,7 @@ class TopKRouter(Router):
         self.normalize_weights = top_k > 1 if normalize_weights is None else bool(normalize_weights)
         self.route_scale = float(route_scale)
         self.jitter_eps = float(jitter_eps)
+        self.noise = NoisyGating(hidden_size, num_experts) if noisy_gating else None
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
         self.num_groups = num_groups
@@ -126,6 +140,8 @@ class TopKRouter(Router):
         self.z_loss_coef = z_loss_coef
         self.sequence_balance_coef = sequence_balance_coef
         self.triton_topk = False
+        self.balance_scope = balance_scope
+        self.global_counts = GlobalBatchCounts(num_experts) if balance_scope == "global_batch" else None
         if bias_update_rate is not None:
             check_positive_float("bias_update_rate", bias_update_rate)
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -171,6 +187,8 @@ class TopKRouter(Router):
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         logits = self.compute_logits(x)
+        if self.noise is not None:
+            logits = self.noise(x, logits)
         num_tokens = logits.shape[0]
         scores = logits.softmax(-1) if self.score_function == "softmax" else logits.sigmoid()
 
@@ -258,6 +276,8 @@ class TopKRouter(Router):
         total = logits.new_zeros(())
         probs = scores if self.score_function == "softmax" else scores / scores.sum(-1, keepdim=True)
         if self.load_balancing_coef > 0:
+            if self.global_counts is not None:
+                counts = self.global_counts(counts, logits.shape[0])
             total = total + self.load_balancing_coef * load_balancing_loss(probs, counts, self.top_k)
         if self.z_loss_coef > 0:
             total = total + self.z_loss_coef * z_loss(logits)
@@ -284,7 +304,10 @@ class TopKRouter(Router):
 
     @torch.no_grad()
     def step_update(self, process_group: dist.ProcessGroup | None = None) -> None:
-        """Aux-loss-free balancing: ``b_e += gamma * sign(mean(c) - c_e)`` over the step's loads."""
+        """Aux-loss-free balancing: ``b_e += gamma * sign(mean(c) - c_e)`` over the step's loads; a new
+        step for the global-batch counts."""
+        if self.global_counts is not None:
+            self.global_counts.reset()
         if self.bias_update_rate is None:
             return
         load = all_reduce_if_distributed(self.step_load.clone(), process_group).float()

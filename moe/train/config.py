@@ -164,7 +164,10 @@ class TrainerSchema:
 
     ``resume``: "auto" (newest checkpoint in the run directory, if any), "none", or a checkpoint path.
     ``eval_interval`` / ``ckpt_interval`` of 0 mean "only at the end".
-    ``init_from``: a Hugging Face Mixtral / Qwen2-MoE folder whose weights the model starts from (docs/export.md).
+    ``init_from``: start a fresh run from other weights: a Hugging Face Mixtral / Qwen2-MoE folder
+    (docs/export.md), or a dense moe-train run (its directory or checkpoint), from which an MoE model is
+    upcycled (``moe.upcycle.init_model_from``) with ``init_drop_fraction`` of each expert's hidden units
+    re-initialised (Drop-Upcycling). Ignored when the run resumes.
     """
 
     max_steps: int = 600
@@ -182,9 +185,11 @@ class TrainerSchema:
     threads: int | None = None
     export_safetensors: bool = True
     init_from: str | None = None
+    init_drop_fraction: float = 0.0
 
     def __post_init__(self):
         check_at_least("trainer.max_steps", self.max_steps, 1)
+        check_in_range("trainer.init_drop_fraction", self.init_drop_fraction, 0.0, 1.0)
         check_at_least("trainer.seed", self.seed, 0)
         check_at_least("trainer.log_interval", self.log_interval, 1)
         check_at_least("trainer.eval_interval", self.eval_interval, 0)

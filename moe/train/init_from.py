@@ -1,4 +1,5 @@
-"""``trainer.init_from``: start training from the weights of a Hugging Face Mixtral / Qwen2-MoE folder."""
+"""``trainer.init_from``: start training from other weights: a Hugging Face Mixtral / Qwen2-MoE folder, or a
+dense moe-train run to upcycle (``moe.upcycle.init_model_from``)."""
 
 from __future__ import annotations
 
@@ -59,9 +60,22 @@ def init_from_pretrained(model: nn.Module, cfg: TrainConfig) -> None:
 
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
-        raise CheckpointMismatchError(
-            f"trainer.init_from={folder!r} is not a Hugging Face model folder (no config.json)"
-        )
+        if not path.exists():
+            raise CheckpointMismatchError(
+                f"trainer.init_from={folder!r} does not exist; give a Hugging Face model folder or a dense run"
+            )
+        from moe.upcycle import init_model_from
+
+        try:
+            init_model_from(model, path, drop_fraction=cfg.trainer.init_drop_fraction, seed=cfg.trainer.seed)
+        except FileNotFoundError as error:
+            raise CheckpointMismatchError(
+                f"trainer.init_from={folder!r} is not a Hugging Face model folder (no config.json) nor a moe-train "
+                f"run ({error})"
+            ) from None
+        except ValueError as error:
+            raise CheckpointMismatchError(str(error)) from None
+        return
     try:
         source, source_cfg = from_hf_model(path)
     except ValueError as error:

@@ -173,14 +173,16 @@ def _expert_load(layers) -> torch.Tensor | None:
     return torch.stack([layer.last_stats.tokens_per_expert.float() for _, layer in layers])
 
 
-def _load_fields(names: list[str], load: torch.Tensor | None) -> dict:
+def _load_fields(names: list[str], load: torch.Tensor | None, tokens: int) -> dict:
+    """Per-layer load shares, the worst max/mean load and the routed experts per token (mean over layers)."""
     if load is None:
-        return {"expert_load": {}, "load_imbalance": None}
+        return {"expert_load": {}, "load_imbalance": None, "experts_per_token": None}
     shares = load / load.sum(dim=1, keepdim=True).clamp_min(1)
     imbalance = (load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-9)).max()
     return {
         "expert_load": {name: [round(v, 5) for v in row] for name, row in zip(names, shares.tolist())},
         "load_imbalance": round(float(imbalance), 4),
+        "experts_per_token": round(float(load.sum()) / (load.shape[0] * max(tokens, 1)), 4),
     }
 
 
@@ -294,7 +296,8 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
     splits = prepare_data(cfg, ctx)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
     model = build_model(cfg, vocab_size)
-    init_from_pretrained(model, cfg)  # trainer.init_from: the weights of a Hugging Face folder
+    if resolve_resume(cfg.trainer.resume, run_dir / "checkpoints") is None:  # a resumed run has its own weights
+        init_from_pretrained(model, cfg)  # trainer.init_from: a Hugging Face folder, or a dense run to upcycle
     model = model.to(ctx.device)
     strategy = make_strategy(cfg, ctx.world_size, ctx.device)
     raw_model = strategy.prepare(model)
@@ -443,7 +446,7 @@ def _log_train(run: Run, result: StepResult) -> None:
             "grad_norm": result.grad_norm,
             "tokens_per_s": run.interval_tokens / max(run.interval_time, 1e-9),
             "tokens_seen": run.tokens_seen,
-            **_load_fields(run.layer_names, run.interval_load),
+            **_load_fields(run.layer_names, run.interval_load, run.interval_tokens),
         }
     )
     run.interval_load, run.interval_time, run.interval_tokens = None, 0.0, 0
@@ -531,6 +534,12 @@ def _write_outputs(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: d
     last_train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     summary["final_expert_load"] = last_train[-1]["expert_load"] if last_train else {}
     summary["final_load_imbalance"] = last_train[-1]["load_imbalance"] if last_train else None
+    per_token = last_train[-1].get("experts_per_token") if last_train else None
+    if per_token is not None:
+        # Cost at the measured experts per token (last log interval), not the nominal top_k.
+        summary["experts_per_token"] = per_token
+        summary["num_active_params"] = model.num_active_params(per_token)
+        summary["flops_per_token"] = model.flops_per_token(per_token)
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     logger.message(format_summary(summary, run_dir))
     log_sample(model, cfg, run_dir, logger.message)
@@ -558,6 +567,11 @@ def format_summary(summary: dict, run_dir: Path) -> str:
         lines.append(f"val loss       {summary['final_val_loss']:.4f} nats/token")
     for name, shares in summary.get("final_expert_load", {}).items():
         lines.append(f"expert load    {name}: " + " ".join(f"{s:.2f}" for s in shares))
+    if summary.get("experts_per_token") is not None:
+        lines.append(
+            f"experts/token  {summary['experts_per_token']:.2f} measured "
+            f"(active params {summary['num_active_params']:,})"
+        )
     if summary.get("final_load_imbalance") is not None:
         lines.append(f"load max/mean  {summary['final_load_imbalance']:.2f} (1.00 = perfectly balanced)")
     lines.append(f"checkpoint     {summary['last_checkpoint']}")

@@ -398,11 +398,12 @@ def test_merged_layer_rebuilds_from_config_and_state_dict():
 
 
 @torch.no_grad()
-def test_dynamic_skipping_drops_second_expert_below_median_ratio():
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_dynamic_skipping_drops_second_expert_below_median_ratio(renormalize):
     model = TwoLayers()
     cal = compress.calibrate(model, batches())
     reference = copy.deepcopy(model.first)
-    betas = compress.enable_skipping(model, cal)
+    betas = compress.enable_skipping(model, cal, renormalize=renormalize)
     assert betas["first"] == pytest.approx(float(cal["first"].top2_ratio.median()))
     x = torch.randn(40, H)
     probs = (x @ reference.router.gate.weight.T).softmax(-1)
@@ -410,10 +411,20 @@ def test_dynamic_skipping_drops_second_expert_below_median_ratio():
     w = top.values / top.values.sum(-1, keepdim=True)
     expected = torch.zeros(40, H)
     for t in range(40):
-        expected[t] += w[t, 0] * expert_out(reference, int(top.indices[t, 0]), x[t : t + 1])[0]
-        if w[t, 1] >= betas["first"] * w[t, 0]:
+        second = w[t, 1] >= betas["first"] * w[t, 0]
+        # Renormalised (the authors' code): a token that skips runs its first expert at weight w1 + w2 = 1.
+        first = w[t, 0] if second or not renormalize else w[t, 0] + w[t, 1]
+        expected[t] += first * expert_out(reference, int(top.indices[t, 0]), x[t : t + 1])[0]
+        if second:
             expected[t] += w[t, 1] * expert_out(reference, int(top.indices[t, 1]), x[t : t + 1])[0]
     torch.testing.assert_close(model.first(x), expected, rtol=1e-5, atol=1e-6)
+    routing = model.first.router(x)
+    solo = torch.bincount(routing.token_index, minlength=40) == 1
+    assert 0 < int(solo.sum()) < 40
+    pair_is_solo = solo[routing.token_index]
+    solo_weight = routing.weight[pair_is_solo]
+    expected_solo = torch.ones_like(solo_weight) if renormalize else w[routing.token_index[pair_is_solo], 0]
+    torch.testing.assert_close(solo_weight, expected_solo)
     skipped = float(model.first.router.last_skip_fraction)
     assert skipped == pytest.approx(float((w[:, 1] < betas["first"] * w[:, 0]).float().mean()))
     with pytest.raises(TypeError, match="already"):
@@ -465,3 +476,42 @@ def test_only_calibrated_layers_are_compressed():
     expected = sorted(cal["second"].score_mass.argsort(descending=True, stable=True)[:4].tolist())
     assert compress.prune(model, cal, method="score", num_experts=4) == {"second": expected}
     assert model.first.num_experts == E and model.second.num_experts == 4
+
+
+@torch.no_grad()
+def test_msmoe_global_budget_merges_the_layer_with_unused_experts_first():
+    torch.manual_seed(0)
+    model = TwoLayers(bias_update_rate=1e-3)
+    model.second.router.expert_bias[6:] = -1e9  # experts 6 and 7 of the second layer are never selected
+    cal = compress.calibrate(model, batches(4))
+    assert cal["first"].selection_count.min() > 0 and cal["second"].selection_count[6:].sum() == 0
+    uniform = compress.merge(copy.deepcopy(model), cal, method="msmoe", num_experts=7, budget="layer")
+    assert [len(g) for g in uniform.values()] == [7, 7]
+    groups = compress.merge(model, cal, method="msmoe", num_experts=7)
+    assert groups["first"] == [[e] for e in range(E)]
+    assert len(groups["second"]) == 6 and sorted(g[0] for g in groups["second"]) == list(range(6))
+    assert sorted(e for g in groups["second"] for e in g[1:]) == [6, 7]
+    assert model.first.num_experts == 8 and model.second.num_experts == 6
+    with pytest.raises(ValueError, match="msmoe"):
+        compress.merge(model, cal, method="hc_smoe", num_experts=4, budget="global")
+
+
+@torch.no_grad()
+def test_reap_saliency_matches_a_direct_loop_and_drops_the_least_salient():
+    model = TwoLayers()
+    data = batches()
+    cal = compress.calibrate(model, data, chunk_tokens=7)  # chunks that do not divide the token count
+    layer = model.first
+    x = torch.cat([b.reshape(-1, H) for b in data])
+    probs = (x @ layer.router.gate.weight.T).softmax(-1)
+    chosen = probs.topk(2, dim=-1).indices
+    expected = torch.zeros(E, dtype=torch.float64)
+    for e in range(E):
+        tokens = (chosen == e).any(-1).nonzero().flatten().tolist()
+        values = [float(probs[t, e]) * float(expert_out(layer, e, x[t : t + 1]).norm()) for t in tokens]
+        expected[e] = sum(values) / len(values) if values else 0.0
+    torch.testing.assert_close(cal["first"].reap_saliency, expected, rtol=1e-4, atol=1e-6)
+    kept = compress.prune(model, cal, method="reap", num_experts=5, layers=["first"])["first"]
+    assert sorted(kept) == sorted(expected.argsort(descending=True)[:5].tolist())
+    with pytest.raises(ValueError, match="layer-wise"):
+        compress.prune(model, cal, method="reap", num_experts=5, budget="global", layers=["second"])

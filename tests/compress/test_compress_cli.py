@@ -153,3 +153,6 @@ def test_config_rejects_bad_values():
         CompressConfig(source="x", action="merge", method="frequency", num_experts=4)
     with pytest.raises(ValueError, match="action="):
         CompressConfig(source="x", action="distill", num_experts=4)
+    with pytest.raises(ValueError, match="budget='fleet'"):
+        CompressConfig(source="x", action="merge", method="msmoe", num_experts=4, budget="fleet")
+    assert CompressConfig(source="x", action="prune", method="reap", num_experts=4).method == "reap"

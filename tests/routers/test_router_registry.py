@@ -10,10 +10,12 @@ from moe.routers import (
     BASERouter,
     ExpertChoiceRouter,
     HashRouter,
+    NullExpertRouter,
     ReLURouter,
     Router,
     SinkhornRouter,
     TopKRouter,
+    TopPRouter,
     build_router,
     register_router,
     router_name,
@@ -28,6 +30,8 @@ BUILT_IN = {
     "base": BASERouter,
     "sinkhorn": SinkhornRouter,
     "hash": HashRouter,
+    "top_p": TopPRouter,
+    "null_experts": NullExpertRouter,
 }
 
 

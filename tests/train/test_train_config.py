@@ -12,7 +12,7 @@ from moe.train.trainer import WarmupCosine
 
 GROUPS = {
     "model": ["tiny", "small", "medium", "dense"],
-    "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash"],
+    "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash", "top_p", "null_experts"],
     "experts": ["grouped", "loop"],
     "dispatch": ["local", "triton"],
     "data": ["stdlib"],

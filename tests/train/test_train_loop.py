@@ -299,3 +299,39 @@ def test_gpu_training_runs_resumes_and_matches_a_continuous_run(corpus, tmp_path
     assert resumed["steps"] == 6
     # index_add's float atomics on CUDA make runs differ in the last bits: close, not bitwise.
     torch.testing.assert_close(resumed["final_val_loss"], full["final_val_loss"], rtol=1e-3, atol=0)
+
+
+def test_init_from_a_dense_run_upcycles_it_and_trains(corpus, tmp_path):
+    from moe.upcycle import init_model_from
+
+    dense_cfg = tiny(corpus, tmp_path, model={"moe_every": 0, "ffn_hidden_size": 32})
+    train(dense_cfg, tmp_path / "dense")
+    state = load_checkpoint(list_checkpoints(tmp_path / "dense" / "checkpoints")[-1])
+    vocab = state["architecture"]["data.vocab_size"]
+    dense = build_model(dense_cfg, vocab)
+    dense.load_state_dict(state["model"])
+    moe_cfg = tiny(
+        corpus, tmp_path, model={"moe_every": 1, "num_experts": 4}, trainer={"init_from": str(tmp_path / "dense")}
+    )
+    upcycled = init_model_from(build_model(moe_cfg, vocab), tmp_path / "dense")
+    idx = torch.randint(0, vocab, (2, 16))
+    torch.testing.assert_close(upcycled.eval()(idx)[0], dense.eval()(idx)[0], rtol=1e-5, atol=1e-5)
+    summary = train(moe_cfg, tmp_path / "upcycled")
+    assert summary["steps"] == 4 and math.isfinite(summary["final_val_loss"])
+    assert summary["experts_per_token"] == 2.0 and summary["num_active_params"] == upcycled.num_active_params()
+    with pytest.raises(ValueError, match="dense run"):
+        init_model_from(build_model(moe_cfg, vocab), tmp_path / "upcycled")
+    with pytest.raises(ValueError, match="init_drop_fraction"):
+        tiny(corpus, tmp_path, trainer={"init_drop_fraction": 2.0})
+
+
+def test_null_experts_report_their_measured_experts_per_token(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path, router={"name": "null_experts", "kwargs": {"num_null_experts": 2}}, model={"top_k": 2})
+    summary = train(cfg, tmp_path / "run")
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(0 < r["experts_per_token"] <= 2 for r in records)
+    measured = records[-1]["experts_per_token"]
+    assert summary["experts_per_token"] == measured
+    model = build_model(cfg, 256)
+    assert summary["num_active_params"] == model.num_active_params(measured) < model.num_active_params()
+    assert summary["flops_per_token"] == model.flops_per_token(measured)
