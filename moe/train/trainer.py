@@ -22,6 +22,7 @@ from torch import nn
 
 import moe
 from moe.train.checkpoint import (
+    CheckpointMismatchError,
     atomic_write_bytes,
     check_architecture,
     check_no_later_checkpoints,
@@ -93,22 +94,34 @@ def lr_at(step: int, optim: OptimSchema, max_steps: int) -> float:
     return optim.lr * schedule(step)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class _StopSignal:
-    """Remembers a SIGTERM so the loop can checkpoint and exit between optimizer steps."""
+    """Remembers a SIGTERM or SIGINT (Ctrl-C) so the loop can checkpoint and exit between optimizer steps.
+
+    Further signals while the loop stops (the checkpoint save included) are only remembered, so a second
+    Ctrl-C cannot cut a save short.
+    """
 
     def __init__(self):
-        self.received = False
-        self.previous = None
+        self.name: str | None = None
+        self.previous = {}
+
+    @property
+    def received(self) -> bool:
+        return self.name is not None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.name = self.name or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def prepare_data(cfg: TrainConfig, ctx: DistContext):
@@ -184,7 +197,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Run the job described by ``cfg`` in ``run_dir``; returns the summary (also written to summary.json).
 
     Raises ``NonFiniteLossError`` (naming the step) on a non-finite loss or gradient, keeping the last
-    good checkpoint; on SIGTERM saves a checkpoint and returns with ``summary["stopped_by"] = "SIGTERM"``.
+    good checkpoint; on SIGTERM or SIGINT (Ctrl-C) saves a checkpoint and returns with
+    ``summary["stopped_by"]`` = the signal's name.
     """
     ctx = setup_distributed(cfg.trainer.device)
     try:
@@ -199,7 +213,10 @@ class Run:
     """What a training job holds between optimizer steps.
 
     ``model`` is the module the loop calls (wrapped by the strategy), ``raw_model`` the single-process
-    ``GPT`` it wraps. The ``interval_*`` fields accumulate between two train records.
+    ``GPT`` it wraps. ``train_time`` is the optimizer steps' time over every invocation of the run and
+    ``timed_tokens`` the tokens it covers (a checkpoint of an older version did not record its time).
+    ``notes`` are messages of the start, printed once the logger is open. The ``interval_*`` fields
+    accumulate between two train records.
     """
 
     cfg: TrainConfig
@@ -219,6 +236,8 @@ class Run:
     last_ckpt: Path | None = None
     resumed_from: Path | None = None
     train_time: float = 0.0
+    timed_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
     val_loss: float | None = None
     stopped_by: str | None = None
     interval_load: torch.Tensor | None = None
@@ -265,14 +284,23 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
                 _evaluate(run)
             if result.stop_requested:
                 _save(run)
-                run.stopped_by = "SIGTERM"
-                run.logger.message(f"SIGTERM: saved {run.last_ckpt} at step {run.step}; exiting")
+                run.stopped_by = _agreed_signal(run, stop)
+                run.logger.message(f"{run.stopped_by}: saved {run.last_ckpt} at step {run.step}; exiting")
                 break
             if (t_cfg.ckpt_interval and run.step % t_cfg.ckpt_interval == 0) or run.step == t_cfg.max_steps:
                 _save(run)
     if run.stopped_by is None:
         _evaluate(run)
     return _finish(run)
+
+
+def _agreed_signal(run: Run, stop: _StopSignal) -> str:
+    """The stop signal's name as rank 0 received it (under torchrun a Ctrl-C reaches every rank, a SIGTERM
+    perhaps only some)."""
+    name = [stop.name or "SIGTERM"]
+    if run.ctx.distributed:
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
 
 
 def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
@@ -334,7 +362,13 @@ def _resume(run: Run) -> None:
         run.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         run.step, run.tokens_seen, run.last_ckpt, run.resumed_from = state["step"], state["tokens_seen"], path, path
-    check_no_later_checkpoints(run.ckpt_dir, run.step)
+        run.train_time, run.timed_tokens = state.get("train_time_s", 0.0), state.get("timed_tokens", 0)
+        if run.step > run.cfg.trainer.max_steps:
+            raise CheckpointMismatchError(
+                f"trainer.max_steps={run.cfg.trainer.max_steps} is below step {run.step} of the checkpoint {path}: "
+                f"nothing to train; give trainer.max_steps > {run.step} to continue this run"
+            )
+    run.notes += check_no_later_checkpoints(run.ckpt_dir, run.step, set_aside_corrupt=run.ctx.is_main)
 
 
 def _open_logger(run: Run) -> None:
@@ -350,6 +384,8 @@ def _open_logger(run: Run) -> None:
         run_name=cfg.logger.run_name,
         enabled=run.ctx.is_main,
     )
+    for note in run.notes:
+        run.logger.message(note)
     if run.resumed_from is not None:
         run.logger.message(f"resumed from {run.resumed_from} at step {run.step}")
     run.logger.message(
@@ -392,6 +428,7 @@ def _train_step(run: Run, batches, layers, stop: _StopSignal) -> StepResult:
     elapsed = time.perf_counter() - started
     run.interval_time += elapsed
     run.train_time += elapsed
+    run.timed_tokens += run.tokens_per_step
     run.interval_tokens += run.tokens_per_step
     run.logger.advance()
     return StepResult(loss, aux_loss, lr, float(grad_norm), bool(stop_requested))
@@ -456,6 +493,8 @@ def _save(run: Run) -> None:
         state = {
             "step": run.step,
             "tokens_seen": run.tokens_seen,
+            "train_time_s": run.train_time,
+            "timed_tokens": run.timed_tokens,
             "model": model_state,
             "optimizer": optimizer_state,
             "sampler": run.sampler.state_dict(),
@@ -479,7 +518,7 @@ def _finish(run: Run) -> dict:
         "steps": run.step,
         "tokens_seen": run.tokens_seen,
         "train_time_s": round(run.train_time, 2),
-        "tokens_per_s": round(run.tokens_seen / run.train_time, 1) if run.train_time > 0 else None,
+        "tokens_per_s": round(run.timed_tokens / run.train_time, 1) if run.train_time > 0 else None,
         "final_val_loss": val_loss,
         "val_bits_per_byte": val_loss / math.log(2) if splits.is_bytes and val_loss is not None else None,
         "val_unigram_entropy_bits": unigram_entropy_bits(splits.val) if splits.is_bytes else None,
