@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from train.test_train_loop import tiny
 
 import moe.train.trainer as trainer_module
 from moe.train import train
@@ -16,7 +17,6 @@ from moe.train.checkpoint import (
     load_checkpoint,
 )
 from moe.train.logging import read_metrics
-from train.test_train_loop import corpus, tiny  # noqa: F401 (corpus is a fixture)
 
 
 def corrupt(path):
