@@ -231,8 +231,10 @@ class LoggerSchema:
 
 @dataclass
 class TrainConfig:
-    """The whole ``moe-train`` config: one field per config group."""
+    """The whole ``moe-train`` config: one field per config group, and ``run``, the run directory's name
+    (None: named after the command's overrides; see moe/train/run_dir.py)."""
 
+    run: str | None = None
     model: ModelShape = field(default_factory=ModelShape)
     router: RouterSchema = field(default_factory=RouterSchema)
     experts: ExpertsSchema = field(default_factory=ExpertsSchema)
@@ -244,6 +246,8 @@ class TrainConfig:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
     def __post_init__(self):
+        if self.run is not None and (not self.run or "/" in self.run or self.run in (".", "..")):
+            raise ValueError(f"run={self.run!r} is not valid; it names a directory: a non-empty name without '/'")
         if self.dispatch.name == "triton" and self.parallel.ep_size > 1:
             raise ValueError(
                 f"dispatch.name='triton' cannot be combined with parallel.ep_size={self.parallel.ep_size}: the "

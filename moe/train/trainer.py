@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,16 +194,17 @@ def _load_fields(names: list[str], load: torch.Tensor | None) -> dict:
     }
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
+def train(cfg: TrainConfig, run_dir: str | Path, on_accepted: Callable[[Path], None] | None = None) -> dict:
     """Run the job described by ``cfg`` in ``run_dir``; returns the summary (also written to summary.json).
 
     Raises ``NonFiniteLossError`` (naming the step) on a non-finite loss or gradient, keeping the last
     good checkpoint; on SIGTERM or SIGINT (Ctrl-C) saves a checkpoint and returns with
-    ``summary["stopped_by"]`` = the signal's name.
+    ``summary["stopped_by"]`` = the signal's name. ``on_accepted(run_dir)`` is called on rank 0 once the
+    start passed its checks (the checkpoint to resume loaded and matched), before anything is written.
     """
     ctx = setup_distributed(cfg.trainer.device)
     try:
-        return _train(cfg, Path(run_dir), ctx)
+        return _train(cfg, Path(run_dir), ctx, on_accepted)
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -266,10 +268,12 @@ class StepResult:
     stop_requested: bool
 
 
-def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
+def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, on_accepted: Callable[[Path], None] | None) -> dict:
     """Start or resume, then optimizer steps with their records, evaluations and checkpoints, then finish."""
     run = _start(cfg, run_dir, ctx)
     _resume(run)
+    if on_accepted is not None and ctx.is_main:
+        on_accepted(run.run_dir)
     _open_logger(run)
     t_cfg = cfg.trainer
     batches = iter(run.sampler)
@@ -556,16 +560,19 @@ def _write_outputs(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: d
     summary["final_expert_load"] = last_train[-1]["expert_load"] if last_train else {}
     summary["final_load_imbalance"] = last_train[-1]["load_imbalance"] if last_train else None
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    logger.message(format_summary(summary, run_dir))
+    logger.close()
+    logger.message(format_summary(summary, run_dir, cfg.trainer.resume))
 
 
-def format_summary(summary: dict, run_dir: Path) -> str:
-    """The end-of-run summary a person reads: quality against the unigram baseline, speed, load, files."""
+def format_summary(summary: dict, run_dir: Path, resume: str = "auto") -> str:
+    """The end-of-run summary a person reads: quality against the unigram baseline, speed, load, files.
+
+    ``resume`` is the run's ``trainer.resume``: the hint to continue a stopped run depends on it.
+    """
     lines = ["", "==== moe-train summary ====", f"run dir        {run_dir}"]
     if summary["stopped_by"]:
-        lines.append(
-            f"stopped by     {summary['stopped_by']} at step {summary['steps']} (resume with trainer.resume=auto)"
-        )
+        how = "rerun the same command" + ("" if resume == "auto" else " with trainer.resume=auto")
+        lines.append(f"stopped by     {summary['stopped_by']} at step {summary['steps']} ({how} to continue)")
     lines.append(
         f"steps          {summary['steps']:,}  ({summary['tokens_seen']:,} tokens, "
         f"{summary['train_time_s']:.1f} s training, {summary['tokens_per_s'] or 0:,.0f} tokens/s)"
