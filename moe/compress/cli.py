@@ -137,7 +137,7 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     """Compress ``ccfg.source`` into ``run_dir`` (see the module docstring); returns the summary."""
     from moe.data import BatchSampler
     from moe.train.checkpoint import atomic_write_bytes, checkpoint_path, load_checkpoint, save_checkpoint
-    from moe.train.config import architecture, validate
+    from moe.train.config import architecture, saved_config, validate
     from moe.train.trainer import DistContext, build_model, build_optimizer, evaluate, prepare_data
 
     started = time.perf_counter()
@@ -149,7 +149,7 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FileExistsError(f"{ckpt_dir} already holds files; moe-compress never overwrites a checkpoint")
     state = load_checkpoint(source)
-    cfg = validate(OmegaConf.create(state["config"]))
+    cfg = saved_config(state["config"])
     target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
     count = target_count(target, cfg.model.num_experts, "every layer")
     if count < cfg.model.top_k:

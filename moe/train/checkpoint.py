@@ -244,6 +244,14 @@ def resolve_resume(resume: str, directory: Path) -> Path | None:
             )
             raise CorruptCheckpointError(f"{fault}; {way}")
         return found[-1]
+    return check_resume(resume)
+
+
+def check_resume(resume: str) -> Path | None:
+    """The checkpoint file ``trainer.resume`` names (None for ``auto`` and ``none``); raises FileNotFoundError
+    naming it when there is no such file."""
+    if resume in ("auto", "none"):
+        return None
     path = Path(resume).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint file (valid: auto, none, or a path)")

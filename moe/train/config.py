@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.model import ModelShape, model_dispatchers
 from moe.train.strategies import STRATEGIES
 from moe.train.strategies.deepspeed import ZERO_STAGES
-from moe.validation import ConfigValueError, check_at_least, check_choice, check_in_range
+from moe.validation import ConfigValueError, check_at_least, check_choice, check_in_range, check_readable_path
 
 DATA_SOURCES = ("stdlib", "text", "bin")
 BIN_DTYPES = ("uint16", "uint32")
@@ -109,6 +109,9 @@ class DataSchema:
         check_choice("data.dtype", self.dtype, BIN_DTYPES)
         if self.source in ("text", "bin") and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
+        for key in ("path", "val_path"):
+            if getattr(self, key) is not None:
+                setattr(self, key, check_readable_path(f"data.{key}", getattr(self, key)))
         if self.source == "bin" and self.vocab_size is None:
             raise ValueError("data.vocab_size is required when data.source='bin'")
         if self.vocab_size is not None:
@@ -253,6 +256,24 @@ class TrainConfig:
                 f"dispatch.name='triton' cannot be combined with parallel.ep_size={self.parallel.ep_size}: the "
                 "expert-parallel dispatcher replaces the fused one; set dispatch.name=local or parallel.ep_size=1"
             )
+        self._check_router_values()
+
+    def _check_router_values(self) -> None:
+        """Build one router of this config (small: a hidden_size x num_experts gate) so that its own argument
+        checks run now; their messages name the argument, reported as ``router.kwargs.<name>``."""
+        from moe.routers import build_router
+
+        kwargs = {"vocab_size": self.data.vocab_size or 256, **self.router.kwargs}
+        try:
+            build_router(
+                self.router.name, self.model.hidden_size, self.model.num_experts, top_k=self.model.top_k, **kwargs
+            )
+        except (TypeError, ValueError) as error:
+            text = str(error)
+            named = any(text.startswith(key) for key in self.router.kwargs)
+            raise ValueError(
+                f"router.kwargs.{text}" if named else f"router.name={self.router.name!r}: {text}"
+            ) from None
 
 
 def register_configs() -> None:
@@ -272,6 +293,17 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     except ConfigValueError as error:
         raise error.under("model") from None
     return OmegaConf.to_object(merged)
+
+
+def saved_config(config: dict) -> TrainConfig:
+    """The checked config of a checkpoint's saved ``config``, written by this or an earlier version: a saved
+    ``experts.kernels`` (the switch that became ``dispatch.name``) is mapped, false or null to nothing and
+    true to ``dispatch.name='triton'``; only a user-given ``experts.kernels`` is refused."""
+    config = OmegaConf.to_container(OmegaConf.create(config))
+    experts = config.get("experts") or {}
+    if experts.pop("kernels", None):
+        config["dispatch"] = {**(config.get("dispatch") or {}), "name": "triton"}
+    return validate(OmegaConf.create(config))
 
 
 def to_dict(cfg: TrainConfig) -> dict:

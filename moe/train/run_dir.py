@@ -54,9 +54,19 @@ def write_run_record(run_dir: Path, config, hydra_config) -> None:
         atomic_write_bytes(record / name, OmegaConf.to_yaml(content).encode())
 
 
-def remove_if_empty(run_dir: Path, stop: Path) -> None:
-    """Remove ``run_dir`` and its parents below ``stop`` while they are empty (what a refused start left)."""
-    path, stop = Path(run_dir).resolve(), Path(stop).resolve()
-    while path != stop and stop in path.parents and path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
+def remove_if_empty(run_dir: Path, created_after: float) -> None:
+    """Remove ``run_dir`` if it is an empty directory last changed after ``created_after`` (a time.time()), then
+    its parents below the working directory alike (``outputs/``): what Hydra created for a refused start.
+
+    A parent outside the working directory is never removed: its time changes with its children's, so it
+    could be an older, empty folder of the user's.
+    """
+    path, cwd = Path(run_dir).resolve(), Path.cwd().resolve()
+    while path.is_dir() and path.stat().st_mtime >= created_after and not any(path.iterdir()):
+        try:
+            path.rmdir()
+        except OSError:  # another rank of the same launch removed it, or wrote into it, meanwhile
+            return
         path = path.parent
+        if cwd not in path.parents:
+            return

@@ -46,6 +46,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the run stopped before applying it."""
 
 
+class InvalidDataError(ValueError):
+    """The data cannot feed this config (a split shorter than one sequence)."""
+
+
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The GPT decoder of ``moe.model`` for this config and vocabulary."""
     from moe.model import GPT, ModelConfig
@@ -320,6 +324,7 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
         run_dir = Path(shared[0])
     torch.manual_seed(cfg.trainer.seed)
     splits = prepare_data(cfg, ctx)
+    _check_split_sizes(cfg, splits)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
     model = build_model(cfg, vocab_size).to(ctx.device)
     strategy = make_strategy(cfg, ctx.world_size, ctx.device)
@@ -348,6 +353,18 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
         sampler=sampler,
         arch=architecture(cfg, vocab_size),
     )
+
+
+def _check_split_sizes(cfg: TrainConfig, splits) -> None:
+    """Refuse a split too short for one sequence of ``model.seq_len`` (+ 1 target), naming the data."""
+    need = cfg.model.seq_len + 1
+    if min(len(splits.train), len(splits.val)) < need:
+        source = f"data.path={cfg.data.path!r}" if cfg.data.path else f"data.source={cfg.data.source!r}"
+        raise InvalidDataError(
+            f"{source} gives {len(splits.train)} training tokens and {len(splits.val)} validation tokens; "
+            f"model.seq_len={cfg.model.seq_len} needs at least {need} tokens in each split (use more data, a larger "
+            "data.val_fraction or a smaller model.seq_len)"
+        )
 
 
 def _resume(run: Run) -> None:
