@@ -79,3 +79,9 @@ def test_expected_failures_end_in_one_line(corpus, tmp_path, extra, message):
     if "small" in message:
         assert "model.seq_len=32 needs at least 33 tokens in each split" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_help_names_the_command(tmp_path):
+    result = moe_train(["--help"], tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("moe-train: train a GPT-style")
+    assert "powered by Hydra" not in result.stdout

@@ -1,7 +1,9 @@
-"""Interruption and resume in-process: Ctrl-C, corrupt newest checkpoints, a too-small max_steps, cumulative time."""
+"""Interruption, resume and run records in-process: Ctrl-C, corrupt checkpoints, max_steps, time, the summary."""
 
+import io
 import os
 import signal
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -95,3 +97,14 @@ def test_throughput_counts_the_training_time_of_every_invocation(corpus, tmp_pat
     assert again["train_time_s"] == 5.0 and again["tokens_per_s"] == tokens_per_step
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3, 4, 5]
     assert torch.isfinite(torch.tensor(again["final_val_loss"]))
+
+
+def test_the_summary_is_printed_after_the_last_progress_bar(corpus, tmp_path, monkeypatch):
+    """On a terminal (progress=bar) the bar is closed before the summary, so the summary is the last thing shown."""
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    train(tiny(corpus, tmp_path, logger={"progress": "bar"}, trainer={"max_steps": 3}), tmp_path / "run")
+    shown = screen.getvalue()
+    assert "3/3" in shown
+    assert shown.rindex("3/3") < shown.index("==== moe-train summary ====")
