@@ -151,14 +151,14 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     state = load_checkpoint(source)
     cfg = saved_config(state["config"])
     target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
-    valid = f"choose num_experts in [{cfg.model.top_k}, {cfg.model.num_experts}] (model.top_k to the experts it has)"
-    if ccfg.num_experts is not None and not cfg.model.top_k <= ccfg.num_experts <= cfg.model.num_experts:
-        raise ValueError(f"num_experts={ccfg.num_experts} is not valid for {source}: {valid}")
-    count = target_count(target, cfg.model.num_experts, "every layer")
-    if count < cfg.model.top_k:
-        raise ValueError(
-            f"fraction={ccfg.fraction} keeps {count} experts per layer, below model.top_k={cfg.model.top_k}; {valid}"
-        )
+    top_k, experts = cfg.model.top_k, cfg.model.num_experts
+    valid = f"choose num_experts in [{top_k}, {experts}] (from model.top_k to the experts it has)"
+    if ccfg.num_experts is not None and not top_k <= ccfg.num_experts <= experts:
+        reason = f"below model.top_k={top_k}" if ccfg.num_experts < top_k else f"above the {experts} experts it has"
+        raise ValueError(f"num_experts={ccfg.num_experts} is not valid for {source}: {reason}; {valid}")
+    count = target_count(target, experts, "every layer")
+    if count < top_k:
+        raise ValueError(f"fraction={ccfg.fraction} keeps {count} experts, below model.top_k={top_k}; {valid}")
     vocab_size = state["architecture"]["data.vocab_size"]
     use_cuda = ccfg.device == "cuda" or (ccfg.device == "auto" and torch.cuda.is_available())
     if ccfg.device == "cuda" and not torch.cuda.is_available():

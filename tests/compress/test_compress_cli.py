@@ -188,7 +188,8 @@ def test_help_names_the_command(tmp_path):
 @pytest.mark.slow
 def test_too_many_experts_names_the_valid_range(trained):
     root, source = trained
-    with pytest.raises(ValueError, match=r"num_experts=9 is not valid for .*: choose num_experts in \[2, 8\]"):
+    expected = r"num_experts=9 is not valid for .*: above the 8 experts it has; choose num_experts in \[2, 8\]"
+    with pytest.raises(ValueError, match=expected):
         _compress(root, source, "too_many", num_experts=9)
 
 
