@@ -20,6 +20,9 @@ from moe.train.trainer import InvalidDataError, NonFiniteLossError, train
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 STARTED = time.time()  # before Hydra creates the run directory: what is newer and empty, a refused start left
+# At import, not in main(): a launcher's job process (hydra-submitit) unpickles _run and resolves the run
+# directory's ${moe_run_name:...} without calling main().
+register_resolver()
 
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, the shell's status for a Ctrl-C
@@ -100,7 +103,6 @@ def main() -> None:
             f"moe-train: config tree not found at {CONFIG_DIR}; install the repository editable (pip install -e .)"
         )
     register_configs()
-    register_resolver()
     hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_run)()
 
 
