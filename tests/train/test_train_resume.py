@@ -108,3 +108,18 @@ def test_the_summary_is_printed_after_the_last_progress_bar(corpus, tmp_path, mo
     shown = screen.getvalue()
     assert "3/3" in shown
     assert shown.rindex("3/3") < shown.index("==== moe-train summary ====")
+
+
+def test_run_names_come_from_the_name_or_the_overrides_and_fit_a_file_name():
+    import hashlib
+
+    from moe.train.run_dir import MAX_NAME, run_name
+
+    assert run_name(None, "") == "default"
+    assert run_name("exp1", "router=relu") == "exp1"
+    assert run_name(None, "data.path=/tmp/a.txt,router=relu") == "data.path=_tmp_a.txt,router=relu"
+    long = "model.hidden_size=64," * 20
+    name = run_name(None, long)
+    assert len(name) == MAX_NAME and name.startswith(long[:100])
+    assert name.endswith(hashlib.sha256(long.encode()).hexdigest()[:12])
+    assert run_name(None, long + "x") != name
