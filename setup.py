@@ -35,6 +35,7 @@ setup(
             "moe-train=moe.train:main",
             "moe-report=moe.report:main",
             "moe-compress=moe.compress.cli:main",
+            "moe-eval=moe.eval_cli:main",
         ]
     },
 )

@@ -100,6 +100,19 @@ def resolve_source(source: str) -> Path:
     raise FileNotFoundError(f"source={source!r} is neither a checkpoint file nor a run directory")
 
 
+def load_source(path: Path):
+    """(state, checked config, model with its trained weights on the CPU) of the checkpoint file ``path``."""
+    from moe.train.checkpoint import load_checkpoint
+    from moe.train.config import saved_config
+    from moe.train.trainer import build_model
+
+    state = load_checkpoint(path)
+    cfg = saved_config(state["config"])
+    model = build_model(cfg, state["architecture"]["data.vocab_size"])
+    model.load_state_dict(state["model"])
+    return state, cfg, model
+
+
 def _compressed_config(cfg, layers) -> dict:
     """The source's moe-train config with the new expert count (and the merged router for merges)."""
     from moe.train.config import to_dict
@@ -136,8 +149,8 @@ def _counts(model) -> dict:
 def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     """Compress ``ccfg.source`` into ``run_dir`` (see the module docstring); returns the summary."""
     from moe.data import BatchSampler
-    from moe.train.checkpoint import atomic_write_bytes, checkpoint_path, load_checkpoint, save_checkpoint
-    from moe.train.config import architecture, saved_config, validate
+    from moe.train.checkpoint import atomic_write_bytes, checkpoint_path, save_checkpoint
+    from moe.train.config import architecture, validate
     from moe.train.trainer import DistContext, build_model, build_optimizer, evaluate, prepare_data
 
     started = time.perf_counter()
@@ -148,8 +161,7 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
         raise ValueError(f"output {run_dir} is the source's own directory; choose another (the source stays intact)")
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FileExistsError(f"{ckpt_dir} already holds files; moe-compress never overwrites a checkpoint")
-    state = load_checkpoint(source)
-    cfg = saved_config(state["config"])
+    state, cfg, model = load_source(source)
     target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
     top_k, experts = cfg.model.top_k, cfg.model.num_experts
     valid = f"choose num_experts in [{top_k}, {experts}] (from model.top_k to the experts it has)"
@@ -166,8 +178,6 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     device = torch.device("cuda" if use_cuda else "cpu")
     ctx = DistContext(rank=0, world_size=1, device=device)
     splits = prepare_data(cfg, ctx)
-    model = build_model(cfg, vocab_size)
-    model.load_state_dict(state["model"])
     model.to(device)
     timings = {"load_s": time.perf_counter() - started}
 
