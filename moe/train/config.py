@@ -261,13 +261,16 @@ class TrainConfig:
     def _check_router_values(self) -> None:
         """Build one router of this config (small: a hidden_size x num_experts gate) so that its own argument
         checks run now; their messages name the argument, reported as ``router.kwargs.<name>``."""
+        import torch
+
         from moe.routers import build_router
 
         kwargs = {"vocab_size": self.data.vocab_size or 256, **self.router.kwargs}
         try:
-            build_router(
-                self.router.name, self.model.hidden_size, self.model.num_experts, top_k=self.model.top_k, **kwargs
-            )
+            with torch.random.fork_rng(devices=[]):  # the gate's initialisation must not move the caller's RNG
+                build_router(
+                    self.router.name, self.model.hidden_size, self.model.num_experts, top_k=self.model.top_k, **kwargs
+                )
         except (TypeError, ValueError) as error:
             text = str(error)
             named = any(text.startswith(key) for key in self.router.kwargs)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from train.test_train_cli import tiny_args
 
@@ -85,3 +86,11 @@ def test_help_names_the_command(tmp_path):
     result = moe_train(["--help"], tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("moe-train: train a GPT-style")
     assert "powered by Hydra" not in result.stdout
+
+
+def test_validation_builds_the_router_without_moving_the_callers_rng():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check({"router": {"name": "topk"}})
+    assert torch.equal(torch.rand(3), expected)
