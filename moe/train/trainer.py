@@ -205,11 +205,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, on_accepted: Callable[[Path], N
     good checkpoint; on SIGTERM or SIGINT (Ctrl-C) saves a checkpoint and returns with
     ``summary["stopped_by"]`` = the signal's name. ``on_accepted(run_dir)`` is called on rank 0 once the
     start passed its checks (the checkpoint to resume loaded and matched), before anything is written.
+    torch's CPU thread count (``trainer.threads``) is restored on return.
     """
     ctx = setup_distributed(cfg.trainer.device)
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, Path(run_dir), ctx, on_accepted)
     finally:
+        torch.set_num_threads(threads)
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -123,3 +123,10 @@ def test_run_names_come_from_the_name_or_the_overrides_and_fit_a_file_name():
     assert len(name) == MAX_NAME and name.startswith(long[:100])
     assert name.endswith(hashlib.sha256(long.encode()).hexdigest()[:12])
     assert run_name(None, long + "x") != name
+
+
+def test_train_restores_the_thread_count(corpus, tmp_path):
+    before = torch.get_num_threads()
+    threads = 2 if before == 1 else 1
+    train(tiny(corpus, tmp_path, trainer={"max_steps": 1, "threads": threads}), tmp_path / "run")
+    assert torch.get_num_threads() == before
