@@ -42,6 +42,7 @@ setup(
             "moe-inspect=moe.inspect:main",
             "moe-generate=moe.generate_cli:main",
             "moe-export=moe.export_cli:main",
+            "moe-eval=moe.eval_cli:main",
         ]
     },
 )

@@ -36,7 +36,10 @@ class MoELayer(nn.Module):
 
     Args:
         router: a router name (``moe.routers.ROUTERS``: "topk", "expert_choice", "relu", "base", ...)
-            built with ``**router_kwargs``, or a ``moe.routers.Router`` instance.
+            built with ``**router_kwargs``, or a ``moe.routers.Router`` instance. ``top_k`` (and
+            ``vocab_size``) mean the same for every name (``moe.routers.Router.layer_kwargs``): expert
+            choice takes ``top_k`` as its capacity factor; BASE and hash give each token one expert and do
+            not use it; hash needs ``vocab_size``.
         activation: "swiglu" (default), "gelu" or "relu".
         experts: "grouped" (``torch._grouped_mm``, default), "loop" (reference), or an ``ExpertMLP``.
         shared_experts: number of always-on experts (DeepSeek-MoE); implemented as one dense MLP of

@@ -7,7 +7,6 @@ output head. Token ids reach the MoE layers, so token-keyed routers (hash routin
 
 import dataclasses
 import functools
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,11 +85,11 @@ class ModelConfig(ModelShape):
     """Shape and parts of a ``GPT``: a ``ModelShape`` plus the vocabulary, router, experts and dispatcher.
 
     ``router`` names an entry of ``moe.routers.ROUTERS``, built with ``router_kwargs`` plus ``top_k`` and
-    ``vocab_size`` when the router's constructor takes them. ``experts`` names an entry of
-    ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``dispatcher`` names an entry of ``moe.dispatch.DISPATCHERS``
-    built for the layer's experts: "local" (pure torch) or "triton" (the Triton permute/combine and top-k
-    selection of ``moe.kernels``, on CUDA); expert parallelism is applied afterwards by
-    ``moe.parallel.to_expert_parallel``.
+    ``vocab_size``, which each router maps to its own arguments (``moe.routers.Router.layer_kwargs``).
+    ``experts`` names an entry of ``moe.experts.EXPERT_IMPLEMENTATIONS``; ``dispatcher`` names an entry of
+    ``moe.dispatch.DISPATCHERS`` built for the layer's experts: "local" (pure torch) or "triton" (the Triton
+    permute/combine and top-k selection of ``moe.kernels``, on CUDA); expert parallelism is applied
+    afterwards by ``moe.parallel.to_expert_parallel``.
     """
 
     vocab_size: int = 256
@@ -210,7 +209,8 @@ class Block(nn.Module):
                 experts=cfg.experts,
                 shared_experts=cfg.shared_experts,
                 dispatcher=cfg.dispatcher,
-                **_router_kwargs(cfg),
+                top_k=cfg.top_k,
+                **{"vocab_size": cfg.vocab_size, **cfg.router_kwargs},
             )
         else:
             self.ffn = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.activation)
@@ -226,17 +226,6 @@ class Block(nn.Module):
 def _per_expert(layer: MoELayer) -> int:
     """Parameters of one routed expert of ``layer`` (all experts have the same shape)."""
     return sum(p.numel() for p in layer.experts.parameters()) // layer.experts.num_experts
-
-
-def _router_kwargs(cfg: ModelConfig) -> dict:
-    """``cfg.router_kwargs`` plus ``top_k`` and ``vocab_size`` (hash routing) for routers that take them."""
-    kwargs = dict(cfg.router_kwargs)
-    params = inspect.signature(ROUTERS[cfg.router].__init__).parameters
-    if "top_k" in params:
-        kwargs["top_k"] = cfg.top_k
-    if "vocab_size" in params:
-        kwargs.setdefault("vocab_size", cfg.vocab_size)
-    return kwargs
 
 
 class GPT(nn.Module):

@@ -18,6 +18,18 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def check_readable_path(name: str, value: str) -> str:
+    """``value`` with ``~`` expanded, if it names an existing, readable file or folder; else raise naming it."""
+    import os
+
+    path = os.path.expanduser(value)
+    if not os.path.exists(path):
+        raise ValueError(f"{name}={value!r} does not exist; give the path of a readable file or folder")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{name}={value!r} is not readable by this user")
+    return path
+
+
 def check_top_k(top_k, num_experts: int) -> int:
     """Validate ``1 <= top_k <= num_experts``."""
     check_positive_int("top_k", top_k)

@@ -295,3 +295,40 @@ def test_cuda_layer_matches_cpu_layer():
     expected = layer(x)
     got = layer.cuda()(x.cuda())
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", moe.routers.router_names())
+def test_every_listed_router_works_in_the_quick_start_or_says_what_it_takes(name):
+    """The README's snippet with each router: top_k maps to what the router takes (expert choice: capacity factor
+    top_k; BASE and hash: one expert per token), and hash asks for the vocabulary it routes by."""
+    torch.manual_seed(0)
+    snippet = {"hidden_size": 32, "ffn_hidden_size": 64, "num_experts": 8, "router": name, "top_k": 2}
+    if name == "hash":
+        with pytest.raises(ValueError, match=r"router 'hash' needs vocab_size="):
+            moe.MoELayer(**snippet)
+        layer = moe.MoELayer(**snippet, vocab_size=100)
+        out = layer(torch.randn(2, 5, 32), token_ids=torch.randint(0, 100, (2, 5)))
+    else:
+        layer = moe.MoELayer(**snippet)
+        out = layer(torch.randn(2, 5, 32))
+    assert out.shape == (2, 5, 32) and torch.isfinite(out).all()
+    if name in ("base", "hash", "topk", "sinkhorn"):
+        assert layer.router.experts_per_token == (1 if name in ("base", "hash") else 2)
+    if name == "expert_choice":
+        assert layer.router.capacity_factor == 2.0
+        assert moe.MoELayer(**{**snippet, "top_k": 3}).router.capacity_factor == 3.0
+        assert moe.MoELayer(**snippet, capacity_factor=1.5).router.capacity_factor == 1.5
+
+
+def test_a_router_name_that_takes_no_top_k_and_is_not_mapped_refuses_it():
+    @moe.routers.register_router("test_fixed_one")
+    class FixedOne(moe.routers.Router):
+        def route(self, x, *, seq_len=None, token_ids=None):
+            raise AssertionError("not called")
+
+    try:
+        with pytest.raises(TypeError, match=r"router 'test_fixed_one' takes no top_k"):
+            moe.routers.build_router("test_fixed_one", 8, 4, top_k=2)
+        assert isinstance(moe.routers.build_router("test_fixed_one", 8, 4), FixedOne)
+    finally:
+        del moe.routers.ROUTERS["test_fixed_one"]

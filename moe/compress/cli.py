@@ -146,12 +146,14 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FileExistsError(f"{ckpt_dir} already holds files; moe-compress never overwrites a checkpoint")
     target = ccfg.num_experts if ccfg.num_experts is not None else float(ccfg.fraction)
-    count = target_count(target, cfg.model.num_experts, "every layer")
-    if count < cfg.model.top_k:
-        raise ValueError(
-            f"{count} experts per layer is below model.top_k={cfg.model.top_k}; moe-train configs need "
-            f"top_k <= num_experts (choose num_experts in [{cfg.model.top_k}, {cfg.model.num_experts}])"
-        )
+    top_k, experts = cfg.model.top_k, cfg.model.num_experts
+    valid = f"choose num_experts in [{top_k}, {experts}] (from model.top_k to the experts it has)"
+    if ccfg.num_experts is not None and not top_k <= ccfg.num_experts <= experts:
+        reason = f"below model.top_k={top_k}" if ccfg.num_experts < top_k else f"above the {experts} experts it has"
+        raise ValueError(f"num_experts={ccfg.num_experts} is not valid for {source}: {reason}; {valid}")
+    count = target_count(target, experts, "every layer")
+    if count < top_k:
+        raise ValueError(f"fraction={ccfg.fraction} keeps {count} experts, below model.top_k={top_k}; {valid}")
     use_cuda = ccfg.device == "cuda" or (ccfg.device == "auto" and torch.cuda.is_available())
     if ccfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available; valid here: auto, cpu")
@@ -246,13 +248,44 @@ def compress_checkpoint(ccfg: CompressConfig, run_dir: str | Path) -> dict:
 
 
 def _run(cfg) -> None:
+    """Compress; expected failures (bad settings, unusable source, occupied output) exit with status 1 and one
+    line; a refused start leaves no directory behind."""
     from hydra.core.hydra_config import HydraConfig
 
+    from moe.train import STARTED
+    from moe.train.run_dir import remove_if_empty
+
+    output = HydraConfig.get().runtime.output_dir
+    try:
+        summary = _checked_compress(cfg, output)
+    except BaseException:
+        remove_if_empty(Path(output), STARTED)
+        raise
+    _print_summary(summary)
+
+
+def _checked_compress(cfg, output: str) -> dict:
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    from moe.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
     from moe.train.config import register_configs
 
     register_configs()
-    ccfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompressConfig), cfg))
-    summary = compress_checkpoint(ccfg, HydraConfig.get().runtime.output_dir)
+    try:
+        ccfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompressConfig), cfg))
+    except MissingMandatoryValue:
+        raise SystemExit(
+            "moe-compress: invalid config: source is required: source=<a moe-train run directory or checkpoint file>"
+        ) from None
+    except (ValueError, OmegaConfBaseException) as error:
+        raise SystemExit(f"moe-compress: invalid config: {error}") from None
+    try:
+        return compress_checkpoint(ccfg, output)
+    except (ValueError, FileNotFoundError, FileExistsError, CorruptCheckpointError, CheckpointMismatchError) as error:
+        raise SystemExit(f"moe-compress: {error}") from None
+
+
+def _print_summary(summary: dict) -> None:
     before, after = summary["before"], summary["after"]
     print(
         f"moe-compress {summary['action']}/{summary['method']}: experts {summary['num_experts_before']} -> "

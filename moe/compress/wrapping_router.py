@@ -14,9 +14,7 @@ def build_source(
     """The router to wrap: ``source_router`` itself, or the one registered under that name built with
     ``top_k`` (when given) and ``router_kwargs``; checked to have ``hidden_size`` and ``num_experts``."""
     if isinstance(source_router, str):
-        if top_k is not None:
-            router_kwargs = {**router_kwargs, "top_k": top_k}
-        source = build_router(source_router, hidden_size, num_experts, **router_kwargs)
+        source = build_router(source_router, hidden_size, num_experts, top_k=top_k, **router_kwargs)
     elif router_kwargs or top_k is not None:
         raise TypeError(f"router keyword arguments {sorted(router_kwargs)} given with a router instance")
     else:

@@ -36,6 +36,11 @@ class BASERouter(Router):
     each rank's local tokens (fairseq first shuffles tokens across workers; this router does not).
     """
 
+    @classmethod
+    def layer_kwargs(cls, name: str, kwargs: dict, top_k: int | None, vocab_size: int | None) -> dict:
+        """A layer's ``top_k`` is accepted and not used: BASE assigns each token exactly one expert."""
+        return super().layer_kwargs(name, kwargs, None, vocab_size)
+
     def __init__(self, hidden_size: int, num_experts: int, *, auction_epsilon: float | None = None):
         super().__init__(hidden_size, num_experts)
         if auction_epsilon is not None:

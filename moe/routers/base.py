@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Sequence
 
@@ -28,6 +29,25 @@ class Router(nn.Module):
     can keep), ``keep_experts`` (restrict it to a subset of experts) and ``expert_grouping`` (the
     router that selects among the original experts of a merged layer, and the expert -> group map).
     """
+
+    @classmethod
+    def layer_kwargs(cls, name: str, kwargs: dict, top_k: int | None, vocab_size: int | None) -> dict:
+        """This router's constructor arguments for a layer's ``top_k`` and vocabulary (``build_router`` asks).
+
+        By default ``top_k`` goes to a constructor that takes it and is refused by one that does not;
+        ``vocab_size`` (context, not a choice) goes only to a constructor that takes it. Routers whose
+        ``top_k`` means something else override this (expert choice, BASE, hash).
+        """
+        params = inspect.signature(cls.__init__).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = dict(kwargs)
+        if top_k is not None:
+            if "top_k" not in params and not takes_any:
+                raise TypeError(f"router {name!r} takes no top_k; its arguments: {sorted(set(params) - {'self'})}")
+            kwargs["top_k"] = top_k
+        if vocab_size is not None and "vocab_size" in params:
+            kwargs.setdefault("vocab_size", vocab_size)
+        return kwargs
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()

@@ -37,6 +37,14 @@ class ExpertChoiceRouter(Router):
     Cost: one (T, H) x (H, E) GEMM, a softmax over (T, E) and a top-C per expert (E x T); no host sync.
     """
 
+    @classmethod
+    def layer_kwargs(cls, name: str, kwargs: dict, top_k: int | None, vocab_size: int | None) -> dict:
+        """A layer's ``top_k`` becomes ``capacity_factor`` (unless given): on average each token then gets
+        ``top_k`` experts, the compute of top-k routing."""
+        if top_k is not None:
+            kwargs = {"capacity_factor": float(top_k), **kwargs}
+        return super().layer_kwargs(name, kwargs, None, vocab_size)
+
     def __init__(self, hidden_size: int, num_experts: int, capacity_factor: float = 2.0, z_loss_coef: float = 0.0):
         super().__init__(hidden_size, num_experts)
         self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)

@@ -31,6 +31,17 @@ class HashRouter(Router):
     assert (no host sync).
     """
 
+    @classmethod
+    def layer_kwargs(cls, name: str, kwargs: dict, top_k: int | None, vocab_size: int | None) -> dict:
+        """A layer's ``top_k`` is accepted and not used (one expert per token); ``vocab_size`` is required."""
+        kwargs = super().layer_kwargs(name, kwargs, None, vocab_size)
+        if "vocab_size" not in kwargs:
+            raise ValueError(
+                f"router {name!r} needs vocab_size=<number of token ids>: it routes each token by its id "
+                "(MoELayer(..., vocab_size=V), then layer(x, token_ids=ids))"
+            )
+        return kwargs
+
     def __init__(self, hidden_size: int, num_experts: int, vocab_size: int, seed: int = 0):
         super().__init__(hidden_size, num_experts)
         self.vocab_size = check_positive_int("vocab_size", vocab_size)

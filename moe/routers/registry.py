@@ -39,8 +39,15 @@ def router_name(router: Router) -> str | None:
     return next((name for name, cls in ROUTERS.items() if cls is type(router)), None)
 
 
-def build_router(name: str, hidden_size: int, num_experts: int, **kwargs) -> Router:
-    """Build the router registered as ``name`` (internal names included) with its keyword arguments."""
+def build_router(
+    name: str, hidden_size: int, num_experts: int, *, top_k: int | None = None, vocab_size: int | None = None, **kwargs
+) -> Router:
+    """Build the router registered as ``name`` (internal names included) with its keyword arguments.
+
+    ``top_k`` and ``vocab_size`` are the layer's: each router maps them to its own arguments
+    (``Router.layer_kwargs``), so every router name works with the same layer arguments.
+    """
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; valid: {router_names()}")
-    return ROUTERS[name](hidden_size, num_experts, **kwargs)
+    cls = ROUTERS[name]
+    return cls(hidden_size, num_experts, **cls.layer_kwargs(name, kwargs, top_k, vocab_size))

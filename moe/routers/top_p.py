@@ -32,6 +32,11 @@ class TopPRouter(Router):
     data dependent: one host sync per forward on CUDA (the boolean selection).
     """
 
+    @classmethod
+    def layer_kwargs(cls, name: str, kwargs: dict, top_k: int | None, vocab_size: int | None) -> dict:
+        """A layer's ``top_k`` is accepted and not used: ``top_p`` decides each token's count (``max_k`` caps it)."""
+        return super().layer_kwargs(name, kwargs, None, vocab_size)
+
     def __init__(
         self,
         hidden_size: int,

@@ -3,7 +3,9 @@
 A checkpoint ``ckpt-00001000.pt`` (``torch.save`` of a dict) lives next to ``ckpt-00001000.pt.sha256``.
 Both are written to temporary files, fsync'ed and renamed into place, the digest first, so a crash leaves
 either a complete pair or no checkpoint file at all. Loading verifies the digest and that the file
-unpickles; any failure raises ``CorruptCheckpointError`` naming the file; nothing is silently skipped.
+unpickles; any failure raises ``CorruptCheckpointError`` naming the file. Nothing is silently skipped or
+deleted: a corrupt checkpoint is only renamed aside (``*.corrupt``, with a message) when the run resumes from
+an older one the user named.
 """
 
 from __future__ import annotations
@@ -120,11 +122,9 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint after checking its SHA-256 sidecar; raises ``CorruptCheckpointError`` on any fault."""
+def verify_checkpoint(path: Path) -> None:
+    """Check ``path`` against its SHA-256 sidecar; raises ``CorruptCheckpointError`` naming the fault."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     sidecar = path.with_name(path.name + ".sha256")
     if not sidecar.is_file():
         raise CorruptCheckpointError(f"checkpoint {path} has no digest file {sidecar.name}; refusing to load it")
@@ -132,9 +132,16 @@ def load_checkpoint(path: Path) -> dict:
     actual = _sha256(path)
     if actual != expected:
         raise CorruptCheckpointError(
-            f"checkpoint {path} is corrupt: SHA-256 {actual[:16]}... does not match the recorded {expected[:16]}...; "
-            "resume from an older checkpoint with trainer.resume=<path> or start afresh with trainer.resume=none"
+            f"checkpoint {path} is corrupt: SHA-256 {actual[:16]}... does not match the recorded {expected[:16]}..."
         )
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint after checking its SHA-256 sidecar; raises ``CorruptCheckpointError`` on any fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    verify_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # any unpickling failure means the file cannot be trusted
@@ -142,6 +149,28 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CorruptCheckpointError(f"checkpoint {path} is not a moe-train checkpoint of format {FORMAT_VERSION}")
     return state
+
+
+def _fault(path: Path) -> str | None:
+    """Why ``path`` fails verification, None if it verifies; a file gone meanwhile (another rank set it aside)
+    counts as a fault."""
+    try:
+        verify_checkpoint(path)
+    except CorruptCheckpointError as error:
+        return str(error)
+    except FileNotFoundError:
+        return f"checkpoint {path} was set aside"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that fails verification (and its digest) to ``*.corrupt``, out of resume and rotation,
+    never deleting it; returns the new path."""
+    path = Path(path)
+    for file in (path.with_name(path.name + ".sha256"), path):
+        if file.exists():
+            os.replace(file, file.with_name(file.name + ".corrupt"))
+    return path.with_name(path.name + ".corrupt")
 
 
 def check_architecture(saved: dict, current: dict, path: Path) -> None:
@@ -170,25 +199,59 @@ def check_same_optimizer(saved: dict, current: dict, path: Path) -> None:
         )
 
 
-def check_no_later_checkpoints(directory: Path, start_step: int) -> None:
-    """Refuse to start at ``start_step`` when ``directory`` holds later checkpoints (of another run or a
-    newer point of this one): this run would rotate them away or mix two histories in one directory."""
-    later = [p.name for p in list_checkpoints(directory) if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > start_step]
-    if later:
+def check_no_later_checkpoints(directory: Path, start_step: int, set_aside_corrupt: bool = True) -> list[str]:
+    """Refuse to start at ``start_step`` when ``directory`` holds later checkpoints that verify (of another run or
+    a newer point of this one): this run would rotate them away or mix two histories in one directory.
+
+    Later checkpoints that fail verification are renamed to ``*.corrupt`` (by the caller that
+    ``set_aside_corrupt``: rank 0) and kept; returns one message per such file.
+    """
+    later = [p for p in list_checkpoints(directory) if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > start_step]
+    faults = {p: _fault(p) for p in later}
+    valid = [p.name for p in later if faults[p] is None]
+    if valid:
         raise CheckpointMismatchError(
-            f"the run directory's checkpoints {Path(directory)} already hold later steps ({', '.join(later)}) than "
-            f"this run starts from (step {start_step}); use trainer.resume=auto to continue the newest, or a new "
-            "hydra.run.dir to start another run"
+            f"the run directory's checkpoints {Path(directory)} already hold later steps ({', '.join(valid)}) than "
+            f"this run starts from (step {start_step}); use trainer.resume=auto to continue the newest, or "
+            "run=<new name> to start another run"
         )
+    messages = []
+    for path, fault in faults.items():
+        aside = set_aside(path) if set_aside_corrupt else path.with_name(path.name + ".corrupt")
+        messages.append(f"{fault}; kept as {aside.name}")
+    return messages
 
 
 def resolve_resume(resume: str, directory: Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = newest in ``directory`` (None if none), ``none``, or a path."""
+    """The checkpoint to resume from: ``auto`` = newest in ``directory`` (None if none), ``none``, or a path.
+
+    ``auto`` refuses a newest checkpoint that fails verification, naming the newest one that verifies.
+    """
     if resume == "none":
         return None
     if resume == "auto":
         found = list_checkpoints(directory)
-        return found[-1] if found else None
+        if not found:
+            return None
+        fault = _fault(found[-1])
+        if fault is not None:
+            good = next((p for p in reversed(found[:-1]) if _fault(p) is None), None)
+            way = (
+                f"resume from the newest checkpoint that verifies with trainer.resume={good} (the later, corrupt "
+                "ones are then kept as *.corrupt)"
+                if good
+                else "no checkpoint of this run verifies; start another run with run=<new name>"
+            )
+            raise CorruptCheckpointError(f"{fault}; {way}")
+        return found[-1]
+    return check_resume(resume)
+
+
+def check_resume(resume: str) -> Path | None:
+    """The checkpoint file ``trainer.resume`` names (None for ``auto`` and ``none``); raises FileNotFoundError
+    naming it when there is no such file."""
+    if resume in ("auto", "none"):
+        return None
     path = Path(resume).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint file (valid: auto, none, or a path)")

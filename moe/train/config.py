@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.model import ModelShape, model_dispatchers
 from moe.train.strategies import STRATEGIES
 from moe.train.strategies.deepspeed import ZERO_STAGES
-from moe.validation import ConfigValueError, check_at_least, check_choice, check_in_range
+from moe.validation import ConfigValueError, check_at_least, check_choice, check_in_range, check_readable_path
 
 DATA_SOURCES = ("stdlib", "text", "bin", "prepared")
 BIN_DTYPES = ("uint16", "uint32")
@@ -112,6 +113,9 @@ class DataSchema:
         check_choice("data.dtype", self.dtype, BIN_DTYPES)
         if self.source in ("text", "bin", "prepared") and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source!r}")
+        for key in ("path", "val_path"):
+            if getattr(self, key) is not None:
+                setattr(self, key, os.path.expanduser(getattr(self, key)))
         if self.source == "bin" and self.vocab_size is None:
             raise ValueError("data.vocab_size is required when data.source='bin'")
         if self.vocab_size is not None:
@@ -243,8 +247,10 @@ class LoggerSchema:
 
 @dataclass
 class TrainConfig:
-    """The whole ``moe-train`` config: one field per config group."""
+    """The whole ``moe-train`` config: one field per config group, and ``run``, the run directory's name
+    (None: named after the command's overrides; see moe/train/run_dir.py)."""
 
+    run: str | None = None
     model: ModelShape = field(default_factory=ModelShape)
     router: RouterSchema = field(default_factory=RouterSchema)
     experts: ExpertsSchema = field(default_factory=ExpertsSchema)
@@ -255,14 +261,43 @@ class TrainConfig:
     parallel: ParallelSchema = field(default_factory=ParallelSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
+    def __post_init__(self):
+        if self.run is not None and (not self.run or "/" in self.run or self.run in (".", "..")):
+            raise ValueError(f"run={self.run!r} is not valid; it names a directory: a non-empty name without '/'")
+        self._check_router_values()
+
+    def _check_router_values(self) -> None:
+        """Build one router of this config (small: a hidden_size x num_experts gate) so that its own argument
+        checks run now; their messages name the argument, reported as ``router.kwargs.<name>``."""
+        import torch
+
+        from moe.routers import build_router
+
+        kwargs = {"vocab_size": self.data.vocab_size or 256, **self.router.kwargs}
+        try:
+            with torch.random.fork_rng(devices=[]):  # the gate's initialisation must not move the caller's RNG
+                build_router(
+                    self.router.name, self.model.hidden_size, self.model.num_experts, top_k=self.model.top_k, **kwargs
+                )
+        except (TypeError, ValueError) as error:
+            text = str(error)
+            named = any(text.startswith(key) for key in self.router.kwargs)
+            raise ValueError(
+                f"router.kwargs.{text}" if named else f"router.name={self.router.name!r}: {text}"
+            ) from None
+
 
 def register_configs() -> None:
     """Register the root schema as ``train_schema`` (configs/config.yaml lists it first in its defaults)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """Return ``cfg`` as a checked ``TrainConfig``; raises ValueError naming the first bad key."""
+def validate(cfg: DictConfig | TrainConfig, *, check_paths: bool = True) -> TrainConfig:
+    """Return ``cfg`` as a checked ``TrainConfig``; raises ValueError naming the first bad key.
+
+    ``check_paths``: the data paths must exist and be readable (a saved config, loaded to rebuild its model,
+    skips this: the run's data may have moved since).
+    """
     if isinstance(cfg, TrainConfig):
         cfg = OmegaConf.structured(cfg)
     # Through plain containers: a key forced in with Hydra's "+key=value" must still meet the schema.
@@ -272,7 +307,23 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         OmegaConf.to_object(merged.model)  # moe.model.ModelShape names its fields bare: report them as model.*
     except ConfigValueError as error:
         raise error.under("model") from None
-    return OmegaConf.to_object(merged)
+    checked = OmegaConf.to_object(merged)
+    if check_paths:
+        for key in ("path", "val_path"):
+            if getattr(checked.data, key) is not None:
+                check_readable_path(f"data.{key}", getattr(checked.data, key))
+    return checked
+
+
+def saved_config(config: dict) -> TrainConfig:
+    """The checked config of a checkpoint's saved ``config``, written by this or an earlier version: a saved
+    ``experts.kernels`` (the switch that became ``dispatch.name``) is mapped, false or null to nothing and
+    true to ``dispatch.name='triton'``; only a user-given ``experts.kernels`` is refused."""
+    config = OmegaConf.to_container(OmegaConf.create(config))
+    experts = config.get("experts") or {}
+    if experts.pop("kernels", None):
+        config["dispatch"] = {**(config.get("dispatch") or {}), "name": "triton"}
+    return validate(OmegaConf.create(config), check_paths=False)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from moe.train.checkpoint import list_checkpoints, load_checkpoint
-from moe.train.config import TrainConfig, validate
+from moe.train.config import TrainConfig, saved_config
 
 SAFETENSORS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
@@ -70,7 +70,7 @@ def load_run(source: str | Path) -> LoadedRun:
         config_file = run_dir / ".hydra" / "config.yaml"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} needs its run's config {config_file}, which does not exist")
-        cfg = validate(OmegaConf.load(config_file))
+        cfg = saved_config(OmegaConf.to_container(OmegaConf.load(config_file), resolve=True))
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         if "architecture" not in metadata:
@@ -80,7 +80,7 @@ def load_run(source: str | Path) -> LoadedRun:
         load_model(model, str(path))
         return LoadedRun(model, cfg, vocab_size, path, run_dir, None)
     state = load_checkpoint(path)
-    cfg = validate(OmegaConf.create(state["config"]))
+    cfg = saved_config(state["config"])
     vocab_size = state["architecture"]["data.vocab_size"]
     model = build_model(cfg, vocab_size)
     model.load_state_dict(state["model"])

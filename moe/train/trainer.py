@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import nn
 
 import moe
 from moe.train.checkpoint import (
+    CheckpointMismatchError,
     atomic_write_bytes,
     check_architecture,
     check_no_later_checkpoints,
@@ -44,6 +46,10 @@ from moe.train.strategies import NonFiniteGradientError, Strategy, make_strategy
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the run stopped before applying it."""
+
+
+class InvalidDataError(ValueError):
+    """The data cannot feed this config (a split shorter than one sequence)."""
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
@@ -95,22 +101,34 @@ def lr_at(step: int, optim: OptimSchema, max_steps: int) -> float:
     return optim.lr * schedule(step)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class _StopSignal:
-    """Remembers a SIGTERM so the loop can checkpoint and exit between optimizer steps."""
+    """Remembers a SIGTERM or SIGINT (Ctrl-C) so the loop can checkpoint and exit between optimizer steps.
+
+    Further signals while the loop stops (the checkpoint save included) are only remembered, so a second
+    Ctrl-C cannot cut a save short.
+    """
 
     def __init__(self):
-        self.received = False
-        self.previous = None
+        self.name: str | None = None
+        self.previous = {}
+
+    @property
+    def received(self) -> bool:
+        return self.name is not None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.name = self.name or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def prepare_data(cfg: TrainConfig, ctx: DistContext):
@@ -186,16 +204,21 @@ def _load_fields(names: list[str], load: torch.Tensor | None, tokens: int) -> di
     }
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
+def train(cfg: TrainConfig, run_dir: str | Path, on_accepted: Callable[[Path], None] | None = None) -> dict:
     """Run the job described by ``cfg`` in ``run_dir``; returns the summary (also written to summary.json).
 
     Raises ``NonFiniteLossError`` (naming the step) on a non-finite loss or gradient, keeping the last
-    good checkpoint; on SIGTERM saves a checkpoint and returns with ``summary["stopped_by"] = "SIGTERM"``.
+    good checkpoint; on SIGTERM or SIGINT (Ctrl-C) saves a checkpoint and returns with
+    ``summary["stopped_by"]`` = the signal's name. ``on_accepted(run_dir)`` is called on rank 0 once the
+    start passed its checks (the checkpoint to resume loaded and matched), before anything is written.
+    torch's CPU thread count (``trainer.threads``) is restored on return.
     """
     ctx = setup_distributed(cfg.trainer.device)
+    threads = torch.get_num_threads()
     try:
-        return _train(cfg, Path(run_dir), ctx)
+        return _train(cfg, Path(run_dir), ctx, on_accepted)
     finally:
+        torch.set_num_threads(threads)
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -205,7 +228,10 @@ class Run:
     """What a training job holds between optimizer steps.
 
     ``model`` is the module the loop calls (wrapped by the strategy), ``raw_model`` the single-process
-    ``GPT`` it wraps. The ``interval_*`` fields accumulate between two train records.
+    ``GPT`` it wraps. ``train_time`` is the optimizer steps' time over every invocation of the run and
+    ``timed_tokens`` the tokens it covers (a checkpoint of an older version did not record its time).
+    ``notes`` are messages of the start, printed once the logger is open. The ``interval_*`` fields
+    accumulate between two train records.
     """
 
     cfg: TrainConfig
@@ -225,6 +251,8 @@ class Run:
     last_ckpt: Path | None = None
     resumed_from: Path | None = None
     train_time: float = 0.0
+    timed_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
     val_loss: float | None = None
     stopped_by: str | None = None
     interval_load: torch.Tensor | None = None
@@ -253,10 +281,12 @@ class StepResult:
     stop_requested: bool
 
 
-def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
+def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, on_accepted: Callable[[Path], None] | None) -> dict:
     """Start or resume, then optimizer steps with their records, evaluations and checkpoints, then finish."""
     run = _start(cfg, run_dir, ctx)
     _resume(run)
+    if on_accepted is not None and ctx.is_main:
+        on_accepted(run.run_dir)
     _open_logger(run)
     t_cfg = cfg.trainer
     batches = iter(run.sampler)
@@ -271,14 +301,23 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> dict:
                 _evaluate(run)
             if result.stop_requested:
                 _save(run)
-                run.stopped_by = "SIGTERM"
-                run.logger.message(f"SIGTERM: saved {run.last_ckpt} at step {run.step}; exiting")
+                run.stopped_by = _agreed_signal(run, stop)
+                run.logger.message(f"{run.stopped_by}: saved {run.last_ckpt} at step {run.step}; exiting")
                 break
             if (t_cfg.ckpt_interval and run.step % t_cfg.ckpt_interval == 0) or run.step == t_cfg.max_steps:
                 _save(run)
     if run.stopped_by is None:
         _evaluate(run)
     return _finish(run)
+
+
+def _agreed_signal(run: Run, stop: _StopSignal) -> str:
+    """The stop signal's name as rank 0 received it (under torchrun a Ctrl-C reaches every rank, a SIGTERM
+    perhaps only some)."""
+    name = [stop.name or "SIGTERM"]
+    if run.ctx.distributed:
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
 
 
 def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
@@ -294,6 +333,7 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
         run_dir = Path(shared[0])
     torch.manual_seed(cfg.trainer.seed)
     splits = prepare_data(cfg, ctx)
+    _check_split_sizes(cfg, splits)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
     model = build_model(cfg, vocab_size)
     if resolve_resume(cfg.trainer.resume, run_dir / "checkpoints") is None:  # a resumed run has its own weights
@@ -327,6 +367,18 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
     )
 
 
+def _check_split_sizes(cfg: TrainConfig, splits) -> None:
+    """Refuse a split too short for one sequence of ``model.seq_len`` (+ 1 target), naming the data."""
+    need = cfg.model.seq_len + 1
+    if min(len(splits.train), len(splits.val)) < need:
+        source = f"data.path={cfg.data.path!r}" if cfg.data.path else f"data.source={cfg.data.source!r}"
+        raise InvalidDataError(
+            f"{source} gives {len(splits.train)} training tokens and {len(splits.val)} validation tokens; "
+            f"model.seq_len={cfg.model.seq_len} needs at least {need} tokens in each split (use more data, a larger "
+            "data.val_fraction or a smaller model.seq_len)"
+        )
+
+
 def _resume(run: Run) -> None:
     """Restore model, optimizer, sampler, RNG and counters from ``trainer.resume`` (if it names a checkpoint).
 
@@ -343,7 +395,13 @@ def _resume(run: Run) -> None:
         run.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         run.step, run.tokens_seen, run.last_ckpt, run.resumed_from = state["step"], state["tokens_seen"], path, path
-    check_no_later_checkpoints(run.ckpt_dir, run.step)
+        run.train_time, run.timed_tokens = state.get("train_time_s", 0.0), state.get("timed_tokens", 0)
+        if run.step > run.cfg.trainer.max_steps:
+            raise CheckpointMismatchError(
+                f"trainer.max_steps={run.cfg.trainer.max_steps} is below step {run.step} of the checkpoint {path}: "
+                f"nothing to train; give trainer.max_steps > {run.step} to continue this run"
+            )
+    run.notes += check_no_later_checkpoints(run.ckpt_dir, run.step, set_aside_corrupt=run.ctx.is_main)
 
 
 def _open_logger(run: Run) -> None:
@@ -359,6 +417,8 @@ def _open_logger(run: Run) -> None:
         run_name=cfg.logger.run_name,
         enabled=run.ctx.is_main,
     )
+    for note in run.notes:
+        run.logger.message(note)
     if run.resumed_from is not None:
         run.logger.message(f"resumed from {run.resumed_from} at step {run.step}")
     run.logger.message(
@@ -401,6 +461,7 @@ def _train_step(run: Run, batches, layers, stop: _StopSignal) -> StepResult:
     elapsed = time.perf_counter() - started
     run.interval_time += elapsed
     run.train_time += elapsed
+    run.timed_tokens += run.tokens_per_step
     run.interval_tokens += run.tokens_per_step
     run.logger.advance()
     return StepResult(loss, aux_loss, lr, float(grad_norm), bool(stop_requested))
@@ -465,6 +526,8 @@ def _save(run: Run) -> None:
         state = {
             "step": run.step,
             "tokens_seen": run.tokens_seen,
+            "train_time_s": run.train_time,
+            "timed_tokens": run.timed_tokens,
             "model": model_state,
             "optimizer": optimizer_state,
             "sampler": run.sampler.state_dict(),
@@ -488,7 +551,7 @@ def _finish(run: Run) -> dict:
         "steps": run.step,
         "tokens_seen": run.tokens_seen,
         "train_time_s": round(run.train_time, 2),
-        "tokens_per_s": round(run.tokens_seen / run.train_time, 1) if run.train_time > 0 else None,
+        "tokens_per_s": round(run.timed_tokens / run.train_time, 1) if run.train_time > 0 else None,
         "final_val_loss": val_loss,
         "val_bits_per_byte": bits_per_byte(val_loss, splits.bytes_per_token) if val_loss is not None else None,
         # A unigram model of the tokens, per byte: the baseline the bits per byte are compared with.
@@ -541,17 +604,20 @@ def _write_outputs(cfg: TrainConfig, model: nn.Module, run_dir: Path, summary: d
         summary["num_active_params"] = model.num_active_params(per_token)
         summary["flops_per_token"] = model.flops_per_token(per_token)
     atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    logger.message(format_summary(summary, run_dir))
+    logger.close()
+    logger.message(format_summary(summary, run_dir, cfg.trainer.resume))
     log_sample(model, cfg, run_dir, logger.message)
 
 
-def format_summary(summary: dict, run_dir: Path) -> str:
-    """The end-of-run summary a person reads: quality against the unigram baseline, speed, load, files."""
+def format_summary(summary: dict, run_dir: Path, resume: str = "auto") -> str:
+    """The end-of-run summary a person reads: quality against the unigram baseline, speed, load, files.
+
+    ``resume`` is the run's ``trainer.resume``: the hint to continue a stopped run depends on it.
+    """
     lines = ["", "==== moe-train summary ====", f"run dir        {run_dir}"]
     if summary["stopped_by"]:
-        lines.append(
-            f"stopped by     {summary['stopped_by']} at step {summary['steps']} (resume with trainer.resume=auto)"
-        )
+        how = "rerun the same command" + ("" if resume == "auto" else " with trainer.resume=auto")
+        lines.append(f"stopped by     {summary['stopped_by']} at step {summary['steps']} ({how} to continue)")
     lines.append(
         f"steps          {summary['steps']:,}  ({summary['tokens_seen']:,} tokens, "
         f"{summary['train_time_s']:.1f} s training, {summary['tokens_per_s'] or 0:,.0f} tokens/s)"

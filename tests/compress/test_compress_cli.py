@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -156,3 +157,53 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="budget='fleet'"):
         CompressConfig(source="x", action="merge", method="msmoe", num_experts=4, budget="fleet")
     assert CompressConfig(source="x", action="prune", method="reap", num_experts=4).method == "reap"
+
+
+def _moe_compress(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "from moe.compress.cli import main; main()", *args]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((), "moe-compress: invalid config: source is required: "),
+        (("source=/no/such/run", "num_experts=2"), "moe-compress: source='/no/such/run' is neither"),
+        (("source=x", "num_experts=2", "fraction=0.5"), "moe-compress: invalid config: give exactly one of"),
+    ],
+)
+def test_expected_failures_end_in_one_line(tmp_path, args, message):
+    result = _moe_compress(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help_names_the_command(tmp_path):
+    result = _moe_compress("--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("moe-compress")
+    assert "cli is powered by Hydra" not in result.stdout
+
+
+@pytest.mark.slow
+def test_too_many_experts_names_the_valid_range(trained):
+    root, source = trained
+    expected = r"num_experts=9 is not valid for .*: above the 8 experts it has; choose num_experts in \[2, 8\]"
+    with pytest.raises(ValueError, match=expected):
+        _compress(root, source, "too_many", num_experts=9)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_before_the_dispatch_rename_compresses(trained, tmp_path):
+    from moe.train.checkpoint import load_checkpoint, save_checkpoint
+
+    root, source = trained
+    state = load_checkpoint(source)
+    state["config"]["experts"] = {"impl": "grouped", "kernels": False}
+    state.pop("format")
+    old = save_checkpoint(tmp_path / "old", state["step"], state, keep=1)
+    summary = _compress(root, old, "from_old", method="frequency", num_experts=4)
+    assert summary["num_experts_after"] == 4

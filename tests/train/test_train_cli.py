@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -13,15 +12,6 @@ import pytest
 
 from moe.train.checkpoint import list_checkpoints, load_checkpoint
 from moe.train.logging import read_metrics
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A fixed text file (this Python's json package sources)."""
-    folder = Path(sysconfig.get_paths()["stdlib"]) / "json"
-    path = tmp_path_factory.mktemp("corpus") / "json.txt"
-    path.write_bytes(b"".join(p.read_bytes() for p in sorted(folder.glob("*.py"))))
-    return path
 
 
 def tiny_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from moe.train.checkpoint import (
 )
 from moe.train.logging import read_metrics
 from moe.train.trainer import build_model, build_optimizer
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A fixed text file (this Python's json package sources): a stable corpus of ~40 kB."""
-    folder = Path(sysconfig.get_paths()["stdlib"]) / "json"
-    path = tmp_path_factory.mktemp("corpus") / "json.txt"
-    path.write_bytes(b"".join(p.read_bytes() for p in sorted(folder.glob("*.py"))))
-    return path
 
 
 def tiny(corpus: Path, tmp_path: Path, **sections):

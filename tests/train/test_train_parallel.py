@@ -127,3 +127,35 @@ def test_submitit_tasks_train_expert_parallel(tmp_path, ddp_reference):
         ddp_reference,
         "submitit 2 tasks, ep_size=2 vs torchrun ddp",
     )
+
+
+def _torchrun(run_dir: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    command = [sys.executable, *launcher, "-m", "moe.train", *SMALL, *overrides, f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_expert_parallel_run_prints_and_records_the_one_process_parameter_counts(tmp_path):
+    counts = []
+    for nproc, ep_size in ((1, 1), (2, 2)):
+        result = _torchrun(tmp_path / f"ep{ep_size}", nproc, f"parallel.ep_size={ep_size}", "trainer.max_steps=2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        printed = [line.split(";")[0] for line in result.stdout.splitlines() if line.startswith("model: ")]
+        summary = json.loads((tmp_path / f"ep{ep_size}" / "summary.json").read_text())
+        counts.append((printed, summary["num_params"], summary["num_active_params"]))
+    assert counts[1] == counts[0] and len(counts[0][0]) == 1
+    assert f"model: {counts[0][1]:,} parameters, {counts[0][2]:,} active per token" == counts[0][0][0]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_bad_ep_size_under_torchrun_is_reported_once_without_a_traceback(tmp_path):
+    result = _torchrun(tmp_path / "run", 2, "parallel.ep_size=3")
+    assert result.returncode != 0
+    message = "moe-train: invalid config: parallel.ep_size=3: world size 2 must be a multiple of ep_size=3"
+    assert result.stderr.count(message) == 1, result.stderr
+    assert "moe/train" not in result.stderr and "Error executing job" not in result.stderr
+    assert not (tmp_path / "run").exists()
