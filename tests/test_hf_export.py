@@ -197,7 +197,7 @@ def test_moe_export_writes_a_folder_transformers_generates_from_like_moe_generat
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     theirs = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
     capsys.readouterr()
-    generate_main([f"source={run_dir}", f"prompts={prompt}", "max_new_tokens=12", "temperature=0"])
+    generate_main([f"source={run_dir}", f"prompt={prompt}", "max_new_tokens=12", "temperature=0", "device=cpu"])
     assert capsys.readouterr().out == prompt + tokenizer.decode(theirs) + "\n"
 
 

@@ -70,8 +70,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
-    # torch._grouped_mm's backward rejects expanded (stride-0) gradients such as that of y.sum().
-    if t.requires_grad:
+    # torch._grouped_mm's backward rejects expanded (stride-0) gradients such as that of y.sum(). Not under
+    # torch.compile: a hook on an intermediate becomes an autograd-function node with symbolic sizes that
+    # Inductor's partitioner mis-orders (dynamic shapes), and the compiled backward's gradients are dense.
+    if t.requires_grad and not torch.compiler.is_compiling():
         t.register_hook(_dense_grad)
     return t
 
