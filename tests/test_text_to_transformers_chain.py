@@ -62,7 +62,13 @@ def test_prepare_train_generate_export_transformers_inspect(tmp_path):
     assert "bits/byte" in summary
 
     sample = command(
-        "moe.generate_cli", f"source={run_dir}", f"prompt={PROMPT}", "max_new_tokens=12", "temperature=0", cwd=tmp_path
+        "moe.generate_cli",
+        f"source={run_dir}",
+        f"prompt={PROMPT}",
+        "max_new_tokens=12",
+        "temperature=0",
+        "device=cpu",
+        cwd=tmp_path,
     )
     ours = sample.rstrip("\n")
     assert ours.startswith(PROMPT) and len(ours) > len(PROMPT)
