@@ -11,6 +11,8 @@ import pytest
 
 from moe.report import main, report
 
+from train_runs import TINY_MODEL
+
 
 def fake_run(run_dir: Path, overrides: list[str], val_loss: float, stopped_by=None) -> None:
     (run_dir / ".hydra").mkdir(parents=True)
@@ -79,13 +81,7 @@ def test_local_multirun_sweep_then_report(tmp_path):
         "data=text",
         f"data.path={corpus}",
         f"data.cache_dir={tmp_path / 'c'}",
-        "data.batch_size=4",
-        "data.eval_batches=2",
-        "model.seq_len=32",
-        "model.num_layers=2",
-        "model.hidden_size=32",
-        "model.num_heads=2",
-        "model.ffn_hidden_size=32",
+        *TINY_MODEL,
         "trainer.max_steps=3",
         "trainer.threads=1",
         "trainer.export_safetensors=false",

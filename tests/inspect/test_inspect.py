@@ -19,7 +19,7 @@ from moe.inspect import InspectConfig, collect_routing, inspect_run
 from moe.inspect.run import byte_spelling, load_run
 from moe.layer import moe_layers
 
-from train_runs import run_moe_train
+from train_runs import TINY_MODEL, run_moe_train
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,7 @@ def run_dir(tmp_path_factory) -> Path:
         "data=text",
         f"data.path={corpus}",
         f"data.cache_dir={root / 'cache'}",
-        "data.batch_size=4",
-        "data.eval_batches=2",
-        "model.seq_len=32",
-        "model.num_layers=2",
-        "model.hidden_size=32",
-        "model.num_heads=2",
-        "model.ffn_hidden_size=32",
+        *TINY_MODEL,
         "optim.warmup_steps=2",
         "trainer.max_steps=4",
         "trainer.log_interval=1",

@@ -12,7 +12,7 @@ from moe.data import prepare_tokens
 from moe.prepare import PrepareConfig, prepare
 from moe.train.checkpoint import list_checkpoints, load_checkpoint
 
-from train_runs import run_moe_train
+from train_runs import TINY_MODEL, run_moe_train
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,7 @@ def test_training_on_a_prepared_folder_reports_bits_per_byte(prepared, tmp_path)
     overrides = [
         "data=prepared",
         f"data.path={prepared}",
-        "data.batch_size=4",
-        "data.eval_batches=2",
-        "model.seq_len=32",
-        "model.num_layers=2",
-        "model.hidden_size=32",
-        "model.num_heads=2",
-        "model.ffn_hidden_size=32",
+        *TINY_MODEL,
         "optim.warmup_steps=2",
         "trainer.max_steps=4",
         "trainer.log_interval=2",

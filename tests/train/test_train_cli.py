@@ -13,19 +13,15 @@ import pytest
 from moe.train.checkpoint import list_checkpoints, load_checkpoint
 from moe.train.logging import read_metrics
 
+from train_runs import TINY_MODEL
+
 
 def tiny_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "data=text",
         f"data.path={corpus}",
         f"data.cache_dir={run_dir.parent / 'cache'}",
-        "data.batch_size=4",
-        "data.eval_batches=2",
-        "model.seq_len=32",
-        "model.num_layers=2",
-        "model.hidden_size=32",
-        "model.num_heads=2",
-        "model.ffn_hidden_size=32",
+        *TINY_MODEL,
         "optim.warmup_steps=2",
         "trainer.device=cpu",
         "trainer.log_interval=1",
