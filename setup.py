@@ -13,7 +13,7 @@ setup(
     package_dir={"moe.kernels": "kernels"},
     include_package_data=True,
     # Any torch >= 2.8 (torch._grouped_mm) is kept as installed: a GPU user's CUDA build stays.
-    install_requires=["torch>=2.8", "einops>=0.7", "numpy"],
+    install_requires=["torch>=2.8", "numpy"],
     extras_require={
         "dev": [
             "pytest>=8",
