@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe.model import ModelShape, model_dispatchers
+from moe.train.speed import ACTIVATION_CHECKPOINTING, COMPILE_MODES
 from moe.train.strategies import STRATEGIES
 from moe.train.strategies.deepspeed import ZERO_STAGES
 from moe.validation import ConfigValueError, check_at_least, check_choice, check_in_range, check_readable_path
@@ -190,10 +191,18 @@ class TrainerSchema:
     export_safetensors: bool = True
     init_from: str | None = None
     init_drop_fraction: float = 0.0
+    compile: str = "false"
+    activation_checkpointing: str = "none"
+    peak_tflops: float | None = None
 
     def __post_init__(self):
         check_at_least("trainer.max_steps", self.max_steps, 1)
         check_in_range("trainer.init_drop_fraction", self.init_drop_fraction, 0.0, 1.0)
+        self.compile = str(self.compile).lower()  # Hydra reads trainer.compile=true as a bool
+        check_choice("trainer.compile", self.compile, COMPILE_MODES)
+        check_choice("trainer.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+        if self.peak_tflops is not None:
+            check_at_least("trainer.peak_tflops", self.peak_tflops, 1e-9)
         check_at_least("trainer.seed", self.seed, 0)
         check_at_least("trainer.log_interval", self.log_interval, 1)
         check_at_least("trainer.eval_interval", self.eval_interval, 0)

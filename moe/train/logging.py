@@ -14,7 +14,8 @@ def format_train_record(record: dict) -> str:
     return (
         f"step {record['step']:>6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"aux {record['aux_loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"load max/mean {'-' if imbalance is None else format(imbalance, '.2f')}"
+        + (f"MFU {record['mfu']:.1%} | " if record.get("mfu") is not None else "")
+        + f"load max/mean {'-' if imbalance is None else format(imbalance, '.2f')}"
     )
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import moe
+from moe.hardware import bf16_peak_tflops, mfu
 from moe.train.checkpoint import (
     CheckpointMismatchError,
     atomic_write_bytes,
@@ -41,6 +42,7 @@ from moe.train.distributed import DistContext, setup_distributed
 from moe.train.init_from import init_from_pretrained
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
 from moe.train.sample import log_sample
+from moe.train.speed import apply_activation_checkpointing, compile_blocks, use_compile
 from moe.train.strategies import NonFiniteGradientError, Strategy, make_strategy
 
 
@@ -341,6 +343,9 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
     model = model.to(ctx.device)
     strategy = make_strategy(cfg, ctx.world_size, ctx.device)
     raw_model = strategy.prepare(model)
+    apply_activation_checkpointing(raw_model, cfg.trainer.activation_checkpointing)  # before compile and wrap
+    if use_compile(cfg.trainer.compile, ctx.device):
+        compile_blocks(raw_model)
     model = strategy.wrap(raw_model)
     optimizer = build_optimizer(raw_model, cfg)
     model = strategy.attach_optimizer(model, optimizer)
@@ -497,6 +502,7 @@ def _log_train(run: Run, result: StepResult) -> None:
     """Write the train record of the steps since the last one (expert load summed over ranks) and reset them."""
     if run.interval_load is not None and run.ctx.distributed:
         dist.all_reduce(run.interval_load, group=run.ctx.process_group)
+    tokens_per_s = run.interval_tokens / max(run.interval_time, 1e-9)
     run.logger.write(
         {
             "kind": "train",
@@ -505,12 +511,23 @@ def _log_train(run: Run, result: StepResult) -> None:
             "lr": result.lr,
             "aux_loss": result.aux_loss,
             "grad_norm": result.grad_norm,
-            "tokens_per_s": run.interval_tokens / max(run.interval_time, 1e-9),
+            "tokens_per_s": tokens_per_s,
+            "mfu": _mfu(run, tokens_per_s),
             "tokens_seen": run.tokens_seen,
             **_load_fields(run.layer_names, run.interval_load, run.interval_tokens),
         }
     )
     run.interval_load, run.interval_time, run.interval_tokens = None, 0.0, 0
+
+
+def _mfu(run: Run, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation per device: ``trainer.peak_tflops``, else the bf16 peak of a known GPU
+    (``moe.hardware``); None on a CPU or an unknown GPU."""
+    peak = run.cfg.trainer.peak_tflops
+    if peak is None and run.ctx.device.type == "cuda":
+        peak = bf16_peak_tflops(torch.cuda.get_device_name(run.ctx.device))
+    value = mfu(run.raw_model.flops_per_token(), tokens_per_s / run.ctx.world_size, peak)
+    return None if value is None else round(value, 4)
 
 
 def _evaluate(run: Run) -> None:
@@ -552,6 +569,7 @@ def _finish(run: Run) -> dict:
         "tokens_seen": run.tokens_seen,
         "train_time_s": round(run.train_time, 2),
         "tokens_per_s": round(run.timed_tokens / run.train_time, 1) if run.train_time > 0 else None,
+        "mfu": _mfu(run, run.timed_tokens / run.train_time) if run.train_time > 0 else None,
         "final_val_loss": val_loss,
         "val_bits_per_byte": bits_per_byte(val_loss, splits.bytes_per_token) if val_loss is not None else None,
         # A unigram model of the tokens, per byte: the baseline the bits per byte are compared with.
@@ -620,7 +638,9 @@ def format_summary(summary: dict, run_dir: Path, resume: str = "auto") -> str:
         lines.append(f"stopped by     {summary['stopped_by']} at step {summary['steps']} ({how} to continue)")
     lines.append(
         f"steps          {summary['steps']:,}  ({summary['tokens_seen']:,} tokens, "
-        f"{summary['train_time_s']:.1f} s training, {summary['tokens_per_s'] or 0:,.0f} tokens/s)"
+        f"{summary['train_time_s']:.1f} s training, {summary['tokens_per_s'] or 0:,.0f} tokens/s"
+        + (f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else "")
+        + ")"
     )
     if summary["val_bits_per_byte"] is not None:
         ratio = summary["val_bits_per_byte"] / summary["val_unigram_entropy_bits"]

@@ -81,3 +81,52 @@ def test_compiled_blocks_match_eager_and_keep_the_state_dict():
         want, got = eager(batch[:, :-1], batch[:, 1:])[1], compiled(batch[:, :-1], batch[:, 1:])[1]
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_trainer_switches_and_mfu_in_the_records(corpus, tmp_path):
+    """trainer.activation_checkpointing and trainer.compile reach the model; MFU uses trainer.peak_tflops."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from moe.train import train, validate
+
+    cfg = validate(
+        OmegaConf.create(
+            {
+                "data": {
+                    "source": "text",
+                    "path": str(corpus),
+                    "batch_size": 2,
+                    "eval_batches": 1,
+                    "cache_dir": str(tmp_path / "cache"),
+                },
+                "model": {"seq_len": 16, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "ffn_hidden_size": 32},
+                "trainer": {
+                    "max_steps": 2,
+                    "log_interval": 1,
+                    "eval_interval": 0,
+                    "device": "cpu",
+                    "activation_checkpointing": "experts",
+                    "compile": False,
+                    "peak_tflops": 1e-3,
+                    "export_safetensors": False,
+                },
+                "logger": {"progress": "lines"},
+            }
+        )
+    )
+    assert cfg.trainer.compile == "false"  # Hydra's bool, read as the mode
+    summary = train(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    from moe.train.trainer import build_model
+
+    flops = build_model(cfg, 256).flops_per_token()
+    for r in train_records:  # achieved FLOP/s over the 1e-3 TFLOP/s peak given
+        assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e9, rel=1e-3)
+    assert summary["mfu"] == pytest.approx(flops * summary["tokens_per_s"] / 1e9, rel=1e-3)
+    with pytest.raises(ValueError, match=r"trainer.compile='sometimes' is not valid"):
+        validate(OmegaConf.create({"trainer": {"compile": "sometimes"}}))
+    with pytest.raises(ValueError, match=r"trainer.activation_checkpointing='all' is not valid"):
+        validate(OmegaConf.create({"trainer": {"activation_checkpointing": "all"}}))
