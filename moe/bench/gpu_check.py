@@ -29,7 +29,7 @@ LAYER_SMOKE = ["--shapes", "e64", "--activations", "swiglu", "--variants", "kern
 TRAIN_SMOKE = ["--variants", "kernels,kernels_compile,dense_compile", "--warmup", "3", "--steps", "5"]
 
 
-def _run(command: list[str], log: Path, timeout: int) -> int:
+def run_logged(command: list[str], log: Path, timeout: int) -> int:
     """Run ``command`` in the repository with its output in ``log``; returns its exit status."""
     with open(log, "w", encoding="utf-8") as out:
         try:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"gpu-check: --out {out} already exists; give a new folder")
     out.mkdir(parents=True)
     py = sys.executable
-    suite_status = _run(
+    suite_status = run_logged(
         [
             py,
             "-m",
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         args.timeout,
     )
     counts = junit_counts(out / "junit.xml")
-    layer_status = _run(
+    layer_status = run_logged(
         [py, "-m", "moe.bench.layer", "--out", str(out / "layer.json"), *LAYER_SMOKE], out / "layer.log", args.timeout
     )
-    train_status = _run(
+    train_status = run_logged(
         [py, "-m", "moe.bench.train", "--out", str(out / "train.json"), *TRAIN_SMOKE], out / "train.log", args.timeout
     )
     layer_rows, train_rows = _results(out / "layer.json"), _results(out / "train.json")

@@ -5,9 +5,11 @@ Usage::
     python -m moe.bench.train --out train.json [--model small|medium] [--variants kernels_compile,dense_compile]
 
 ``--model`` names a file of configs/model/ (the trainer's ``model=`` group, one source of truth). Variants:
-``torch`` (pure-torch MoE path), ``kernels`` (``dispatcher="triton"``), either with ``_compile``
-(``torch.compile`` of the model), and ``dense`` / ``dense_compile``: ``moe.model.dense_baseline_config``, the
-same model with each MoE feed-forward replaced by one MLP as wide as its k active experts. bf16 autocast,
+``torch`` (pure-torch MoE path), ``kernels`` (``dispatcher="triton"``) and ``dense``
+(``moe.model.dense_baseline_config``: the same model with each MoE feed-forward replaced by one MLP as wide as
+its k active experts), each eager, with ``_compile`` (``torch.compile`` of the whole model) or with
+``_compile_blocks`` (each decoder block compiled in place, ``moe.train.speed.compile_blocks``, as
+``moe-train`` does). bf16 autocast,
 fused AdamW, ``--batch-size`` sequences of random tokens (``--vocab-size``: 256 for small, 32768 for medium by
 default). Each step (forward, backward, optimizer, router update) is timed between CUDA events; the table
 reports the median over ``--steps`` steps after ``--warmup`` steps, MFU (``GPT.flops_per_token`` x tokens/s
@@ -32,11 +34,19 @@ import yaml
 from moe.hardware import bf16_peak_tflops, mfu
 from moe.layer import aux_loss, update_routers
 from moe.model import GPT, ModelConfig, dense_baseline_config
+from moe.train.speed import compile_blocks
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
 MODELS = ("small", "medium")
 DEFAULT_VOCAB = {"small": 256, "medium": 32768}
-VARIANTS = ("torch", "kernels", "torch_compile", "kernels_compile", "dense", "dense_compile")
+PATHS = ("torch", "kernels", "dense")
+COMPILE_SUFFIXES = ("", "_compile", "_compile_blocks")
+VARIANTS = tuple(path + suffix for path in PATHS for suffix in COMPILE_SUFFIXES)
+
+
+def compile_suffix(variant: str) -> str:
+    """The compile setting of a variant name: "", "_compile" or "_compile_blocks"."""
+    return max((s for s in COMPILE_SUFFIXES if variant.endswith(s)), key=len)
 
 
 def model_config(name: str, vocab_size: int, variant: str) -> ModelConfig:
@@ -53,7 +63,10 @@ def run_variant(name: str, args, peak: float | None) -> dict:
     cfg = model_config(args.model, args.vocab_size, name)
     model = GPT(cfg).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    forward = torch.compile(model) if name.endswith("compile") else model
+    suffix = compile_suffix(name)
+    forward = torch.compile(model) if suffix == "_compile" else model
+    if suffix == "_compile_blocks":
+        compile_blocks(model)
     generator = torch.Generator(device="cuda").manual_seed(0)
     times = []
     for _ in range(args.warmup + args.steps):
@@ -98,7 +111,7 @@ def add_dense_ratios(results: list[dict]) -> None:
     for r in results:
         if r["variant"].startswith("dense"):
             continue
-        dense = by_name.get("dense_compile" if r["variant"].endswith("compile") else "dense")
+        dense = by_name.get("dense" + compile_suffix(r["variant"]))
         r["moe_over_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
 
 
@@ -106,7 +119,7 @@ def _format(r: dict) -> str:
     mfu_text = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     -"
     ratio = r.get("moe_over_dense")
     return (
-        f"{r['variant']:<16} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.1f} {mfu_text} "
+        f"{r['variant']:<22} {r['step_ms']:8.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.1f} {mfu_text} "
         f"{r['peak_memory_gib']:9.1f} {f'{ratio:.2f}' if ratio else '-':>10}"
     )
 
@@ -143,7 +156,7 @@ def main(argv=None) -> None:
         "results": [],
     }
     print(
-        f"{'variant':<16} {'step ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'MoE/dense':>10}"
+        f"{'variant':<22} {'step ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'MoE/dense':>10}"
     )
     for name in variants:
         report["results"].append(run_variant(name, args, peak))

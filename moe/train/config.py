@@ -74,16 +74,17 @@ class ExpertsSchema:
 
 @dataclass
 class DispatchSchema:
-    """How tokens reach the experts (``moe.model.model_dispatchers()``): "local" (pure torch) or "triton"
+    """How tokens reach the experts (``moe.model.model_dispatchers()``): "local" (pure torch), "triton"
     (the Triton fused router top-k and permute/combine of ``moe.kernels``; CUDA, on a CPU they fall back to
-    torch). With ``parallel.ep_size > 1`` the expert-parallel dispatcher keeps it for each rank's own permute
-    and combine.
+    torch) or "auto" (the default: "triton" on CUDA with triton installed, else "local";
+    ``moe.train.speed.resolve_dispatch``). With ``parallel.ep_size > 1`` the expert-parallel dispatcher keeps
+    it for each rank's own permute and combine.
     """
 
-    name: str = "local"
+    name: str = "auto"
 
     def __post_init__(self):
-        check_choice("dispatch.name", self.name, model_dispatchers())
+        check_choice("dispatch.name", self.name, ["auto", *model_dispatchers()])
 
 
 @dataclass
@@ -191,7 +192,7 @@ class TrainerSchema:
     export_safetensors: bool = True
     init_from: str | None = None
     init_drop_fraction: float = 0.0
-    compile: str = "false"
+    compile: str = "auto"
     activation_checkpointing: str = "none"
     peak_tflops: float | None = None
 
@@ -326,12 +327,14 @@ def validate(cfg: DictConfig | TrainConfig, *, check_paths: bool = True) -> Trai
 
 def saved_config(config: dict) -> TrainConfig:
     """The checked config of a checkpoint's saved ``config``, written by this or an earlier version: a saved
-    ``experts.kernels`` (the switch that became ``dispatch.name``) is mapped, false or null to nothing and
-    true to ``dispatch.name='triton'``; only a user-given ``experts.kernels`` is refused."""
+    ``experts.kernels`` (the switch that became ``dispatch.name``, from before the dispatch group existed) is
+    mapped to the path that run took, false or null to ``dispatch.name='local'`` and true to ``'triton'``; only
+    a user-given ``experts.kernels`` is refused."""
     config = OmegaConf.to_container(OmegaConf.create(config))
     experts = config.get("experts") or {}
-    if experts.pop("kernels", None):
-        config["dispatch"] = {**(config.get("dispatch") or {}), "name": "triton"}
+    if "kernels" in experts:
+        name = "triton" if experts.pop("kernels") else "local"
+        config["dispatch"] = {**(config.get("dispatch") or {}), "name": name}
     return validate(OmegaConf.create(config), check_paths=False)
 
 

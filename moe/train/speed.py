@@ -1,4 +1,5 @@
-"""Speed and memory switches applied to a built GPT from outside the model: activation checkpointing and compile.
+"""Speed and memory switches of ``moe-train``: the dispatcher ``auto`` picks, and the activation checkpointing
+and compile applied to a built GPT from outside the model.
 
 Both keep the model's modules and state-dict keys as they are (the wrapped ``forward`` is an instance
 attribute), so checkpoints, exports and the parallel strategies see the same model.
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe.experts import DenseMLP
+from moe.kernel_support import HAVE_TRITON
 from moe.layer import MoELayer
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "experts")
@@ -51,6 +53,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     for module in wrapped:
         _recompute_in_backward(module)
     return len(wrapped)
+
+
+def resolve_dispatch(name: str, device: torch.device) -> str:
+    """``dispatch.name``: ``auto`` is "triton" (the Triton router top-k, permute and combine) on CUDA with
+    triton installed, else "local" (pure torch; on a CPU the kernels would fall back to it anyway)."""
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" and HAVE_TRITON else "local"
 
 
 def use_compile(mode: str, device: torch.device) -> bool:

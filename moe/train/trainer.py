@@ -42,7 +42,7 @@ from moe.train.distributed import DistContext, setup_distributed
 from moe.train.init_from import init_from_pretrained
 from moe.train.logging import RunLogger, plot_expert_load, read_metrics
 from moe.train.sample import log_sample
-from moe.train.speed import apply_activation_checkpointing, compile_blocks, use_compile
+from moe.train.speed import apply_activation_checkpointing, compile_blocks, resolve_dispatch, use_compile
 from moe.train.strategies import NonFiniteGradientError, Strategy, make_strategy
 
 
@@ -54,8 +54,9 @@ class InvalidDataError(ValueError):
     """The data cannot feed this config (a split shorter than one sequence)."""
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
-    """The GPT decoder of ``moe.model`` for this config and vocabulary."""
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The GPT decoder of ``moe.model`` for this config and vocabulary, with the dispatcher ``dispatch.name``
+    picks for ``device`` (``resolve_dispatch``); built on the CPU."""
     from moe.model import GPT, ModelConfig
 
     return GPT(
@@ -65,20 +66,22 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
             router=cfg.router.name,
             router_kwargs=dict(cfg.router.kwargs),
             experts=cfg.experts.impl,
-            dispatcher=cfg.dispatch.name,
+            dispatcher=resolve_dispatch(cfg.dispatch.name, torch.device(device)),
         )
     )
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (embeddings and stacked expert weights included), none on vectors."""
+    """AdamW; weight decay on matrices (embeddings and stacked expert weights included), none on vectors.
+    Fused (one kernel for all parameters) when every parameter is on CUDA."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    fused = bool(decay or no_decay) and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
 class WarmupCosine:
@@ -337,7 +340,7 @@ def _start(cfg: TrainConfig, run_dir: Path, ctx: DistContext) -> Run:
     splits = prepare_data(cfg, ctx)
     _check_split_sizes(cfg, splits)
     vocab_size = cfg.data.vocab_size or splits.vocab_size
-    model = build_model(cfg, vocab_size)
+    model = build_model(cfg, vocab_size, ctx.device)
     if resolve_resume(cfg.trainer.resume, run_dir / "checkpoints") is None:  # a resumed run has its own weights
         init_from_pretrained(model, cfg)  # trainer.init_from: a Hugging Face folder, or a dense run to upcycle
     model = model.to(ctx.device)
@@ -429,6 +432,23 @@ def _open_logger(run: Run) -> None:
     run.logger.message(
         f"model: {run.raw_model.num_params():,} parameters, {run.raw_model.num_active_params():,} active per "
         f"token; router={cfg.router.name}, world_size={run.ctx.world_size}, device={run.ctx.device}"
+    )
+    run.logger.message(_speed_line(cfg, run.ctx.device))
+
+
+def _speed_line(cfg: TrainConfig, device: torch.device) -> str:
+    """Which path the step takes, and why where ``auto`` chose it (the CPU fallback of the fast path included)."""
+    dispatch = resolve_dispatch(cfg.dispatch.name, device)
+    compiled = use_compile(cfg.trainer.compile, device)
+    why_dispatch = ""
+    if cfg.dispatch.name == "auto":
+        why_dispatch = (
+            " (auto: CUDA and triton)" if dispatch == "triton" else " (auto: the Triton kernels need CUDA and triton)"
+        )
+    why_compile = f" (trainer.compile={cfg.trainer.compile})"
+    return (
+        f"path: dispatch={dispatch}{why_dispatch}, torch.compile {'per block' if compiled else 'off'}{why_compile}, "
+        f"activation_checkpointing={cfg.trainer.activation_checkpointing}"
     )
 
 

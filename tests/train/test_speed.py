@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import moe
+from moe.kernel_support import HAVE_TRITON
 from moe.model import GPT, ModelConfig
-from moe.train.speed import apply_activation_checkpointing, compile_blocks, use_compile
+from moe.train.speed import apply_activation_checkpointing, compile_blocks, resolve_dispatch, use_compile
 
 
 def _model(**overrides):
@@ -69,6 +70,34 @@ def test_compile_auto_is_on_for_cuda_only():
     assert use_compile("true", torch.device("cpu")) and not use_compile("false", torch.device("cuda", 0))
     with pytest.raises(ValueError, match=r"trainer.compile='yes' is not valid"):
         use_compile("yes", torch.device("cpu"))
+
+
+def test_dispatch_auto_takes_the_kernels_on_cuda_only():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_dispatch("auto", cuda) == ("triton" if HAVE_TRITON else "local")
+    assert resolve_dispatch("auto", cpu) == "local"
+    assert resolve_dispatch("triton", cpu) == "triton" and resolve_dispatch("local", cuda) == "local"
+
+
+def test_defaults_are_auto_and_the_trainer_builds_the_chosen_dispatcher():
+    from omegaconf import OmegaConf
+
+    from moe.dispatch.fused import FusedDispatcher
+    from moe.dispatch.local import LocalDispatcher
+    from moe.train import validate
+    from moe.train.trainer import _speed_line, build_model
+
+    cfg = validate(OmegaConf.create({}))
+    assert (cfg.dispatch.name, cfg.trainer.compile) == ("auto", "auto")
+    layers = lambda model: [layer.dispatcher for _, layer in moe.moe_layers(model)]  # noqa: E731
+    assert all(type(d) is LocalDispatcher for d in layers(build_model(cfg, 256, "cpu")))
+    if HAVE_TRITON:
+        assert all(type(d) is FusedDispatcher for d in layers(build_model(cfg, 256, "cuda")))
+    line = _speed_line(cfg, torch.device("cpu"))
+    assert line.startswith("path: dispatch=local (auto: the Triton kernels need CUDA and triton), torch.compile off")
+    on_cuda = _speed_line(cfg, torch.device("cuda", 0))
+    assert ("dispatch=triton (auto: CUDA and triton)" in on_cuda) == HAVE_TRITON
+    assert "torch.compile per block (trainer.compile=auto)" in on_cuda
 
 
 def test_compiled_blocks_match_eager_and_keep_the_state_dict():

@@ -14,7 +14,7 @@ GROUPS = {
     "model": ["tiny", "small", "medium", "dense"],
     "router": ["topk", "expert_choice", "relu", "base", "sinkhorn", "hash", "top_p", "null_experts"],
     "experts": ["grouped", "loop"],
-    "dispatch": ["local", "triton"],
+    "dispatch": ["auto", "local", "triton"],
     "data": ["stdlib"],
     "optim": ["adamw"],
     "trainer": ["default"],
@@ -196,7 +196,7 @@ def test_model_group_is_the_model_shape_and_builds_the_same_config():
         ("model.dropout=1.0", r"^model.dropout=1.0 is not valid; it must be in \[0.0, 1.0\)$"),
         ("model.rope_base=1", r"^model.rope_base=1.0 is not valid"),
         ("model.num_layers=0", r"^model.num_layers must be an int >= 1, got 0$"),
-        ("dispatch.name=fused", r"^dispatch.name='fused' is not valid; valid choices: \['local', 'triton'\]$"),
+        ("dispatch.name=fused", r"^dispatch.name='fused' is not valid; valid choices: \['auto', 'local', 'triton'\]$"),
     ],
 )
 def test_model_and_dispatch_checks_name_the_trainer_key(override, message):
