@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from moe.generate import decoding_refusal, generate
@@ -37,5 +38,8 @@ def log_sample(model: nn.Module, cfg: TrainConfig, run_dir: Path, message: Calla
     if not ids or room < 1:
         message(f"sample         skipped: the prompt {prompt!r} leaves no room in seq_len={model.cfg.seq_len}")
         return
-    new = generate(model, ids, min(SAMPLE_TOKENS, room), temperature=0)
+    # Eager even where trainer.compile compiled the blocks: each decoded token has a new cache length, and
+    # recompiling for each would cost more than the whole sample.
+    with torch.compiler.set_stance("force_eager"):
+        new = generate(model, ids, min(SAMPLE_TOKENS, room), temperature=0)
     message(f"sample         greedy, {len(new)} tokens: {prompt + codec.decode(new)!r}")

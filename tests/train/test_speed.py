@@ -159,3 +159,28 @@ def test_trainer_switches_and_mfu_in_the_records(corpus, tmp_path):
         validate(OmegaConf.create({"trainer": {"compile": "sometimes"}}))
     with pytest.raises(ValueError, match=r"trainer.activation_checkpointing='all' is not valid"):
         validate(OmegaConf.create({"trainer": {"activation_checkpointing": "all"}}))
+
+
+def test_the_end_of_run_sample_decodes_eagerly_with_compiled_blocks(tmp_path):
+    """A compiled model would recompile for each new cache length; the sample must not call the compiler."""
+    from omegaconf import OmegaConf
+
+    from moe.train import validate
+    from moe.train.sample import log_sample
+    from moe.train.trainer import build_model
+
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    cfg = validate(OmegaConf.create({}))
+    model = build_model(cfg, 256).eval().to(torch.bfloat16)  # the fake torch._grouped_mm takes bf16 only
+    compile_blocks(model, backend=counting_backend)
+    lines = []
+    log_sample(model, cfg, tmp_path, lines.append)
+    assert lines and lines[0].startswith("sample         greedy, 64 tokens")
+    assert compiles == []
+    model(torch.zeros(1, 4, dtype=torch.long))  # outside the sample the blocks do compile
+    assert compiles
