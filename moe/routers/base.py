@@ -70,8 +70,12 @@ class Router(nn.Module):
     def check_finite(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits``, after raising if any is NaN or inf (device-side assert on CUDA, no host sync)."""
         finite = torch.isfinite(logits).all()
+        if torch.compiler.is_compiling():
+            # No layer name: Dynamo specialises on the string, so each layer would compile its own block graph.
+            torch._assert_async(finite, "non-finite router logits (check the layer input and learning rate)")
+            return logits
         message = f"non-finite router logits in layer '{self.layer_name}' (check the layer input and learning rate)"
-        if logits.is_cuda or torch.compiler.is_compiling():  # no host sync (and no graph break) there
+        if logits.is_cuda:  # no host sync there
             torch._assert_async(finite, message)
         elif not bool(finite):
             raise NonFiniteLogitsError(message)

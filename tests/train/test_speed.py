@@ -12,16 +12,8 @@ from moe.train.speed import apply_activation_checkpointing, compile_blocks, reso
 
 
 def _model(**overrides):
-    cfg = ModelConfig(
-        seq_len=16,
-        num_layers=2,
-        hidden_size=32,
-        num_heads=2,
-        ffn_hidden_size=32,
-        num_experts=4,
-        router_kwargs={"bias_update_rate": 1e-2},
-        **overrides,
-    )
+    shape = dict(seq_len=16, num_layers=2, hidden_size=32, num_heads=2, ffn_hidden_size=32, num_experts=4)
+    cfg = ModelConfig(**{**shape, "router_kwargs": {"bias_update_rate": 1e-2}, **overrides})
     torch.manual_seed(0)
     return GPT(cfg)
 
@@ -110,6 +102,25 @@ def test_compiled_blocks_match_eager_and_keep_the_state_dict():
         want, got = eager(batch[:, :-1], batch[:, 1:])[1], compiled(batch[:, :-1], batch[:, 1:])[1]
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+@pytest.mark.parametrize("moe_every,graphs", [(1, 1), (2, 2)])
+def test_compiled_blocks_share_one_graph_per_block_kind(moe_every, graphs):
+    """More blocks than Dynamo's default cache of 8 graphs per code object: a per-layer constant (such as a
+    layer name in a message) would compile one graph per block and leave the blocks past the 8th eager."""
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    model = _model(num_layers=10, moe_every=moe_every).to(torch.bfloat16)  # bf16: the fake torch._grouped_mm
+    compile_blocks(model, backend=counting_backend)
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert len(compiles) == graphs
 
 
 def test_trainer_switches_and_mfu_in_the_records(corpus, tmp_path):
