@@ -221,7 +221,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, on_accepted: Callable[[Path], N
     ctx = setup_distributed(cfg.trainer.device)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, Path(run_dir), ctx, on_accepted)
+        summary = _train(cfg, Path(run_dir), ctx, on_accepted)
+        if ctx.distributed and dist.is_initialized():
+            # Tear the groups down together: a gloo rank whose peers already left can abort at exit.
+            dist.barrier()
+        return summary
     finally:
         torch.set_num_threads(threads)
         if ctx.distributed and dist.is_initialized():
