@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -30,11 +31,21 @@ TRAIN_SMOKE = ["--variants", "kernels,kernels_compile,dense_compile", "--warmup"
 
 
 def run_logged(command: list[str], log: Path, timeout: int) -> int:
-    """Run ``command`` in the repository with its output in ``log``; returns its exit status."""
+    """Run ``command`` in the repository with its output in ``log``; returns its exit status (124 when it ran
+    past ``timeout`` seconds). Past the limit it gets SIGINT first, so that pytest still prints its summary of
+    failures and writes its junit file, and is killed only if it has not exited 30 s later."""
     with open(log, "w", encoding="utf-8") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         try:
-            return subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            out.flush()
             out.write(f"\ngpu-check: timed out after {timeout} s\n")
             return 124
 

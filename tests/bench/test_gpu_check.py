@@ -30,3 +30,21 @@ def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "gpu-check: needs a CUDA GPU (torch.cuda.is_available() is False)"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_past_its_limit_is_interrupted_so_it_can_still_report(tmp_path):
+    """SIGINT first: the stage's own KeyboardInterrupt handler (pytest's summary and junit) still runs."""
+    from moe.bench.gpu_check import run_logged
+
+    script = (
+        "import time\n"
+        "try:\n"
+        "    print('started', flush=True); time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('summary written on interrupt', flush=True)\n"
+    )
+    log = tmp_path / "stage.log"
+    assert run_logged([sys.executable, "-c", script], log, timeout=3) == 124
+    text = log.read_text()
+    assert "summary written on interrupt" in text and text.rstrip().endswith("gpu-check: timed out after 3 s")
+    assert run_logged([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "quick.log", timeout=30) == 3
