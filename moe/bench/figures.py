@@ -135,13 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"figures: --out {out} already exists; give a new folder")
-    out.mkdir(parents=True)
     plan = stages(out, args.train_seconds)
     names = [name for name, _, _ in plan]
     wanted = args.only.split(",") if args.only else names
     for name in wanted:
         if name not in names:
             raise SystemExit(f"figures: unknown stage {name!r}; valid: {names}")
+    out.mkdir(parents=True)
     status = {}
     for name, command, seconds in plan:
         if name in wanted:
