@@ -3,6 +3,10 @@
 On a CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), so these run in CI.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -135,3 +139,32 @@ def test_opcheck_half_gate_logits():
     logits = half_gate_logits(x, weight)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, x.float() @ weight.float().t(), rtol=1e-5, atol=1e-5)
+
+
+# In a child process: the repository root is the working directory, so it is on sys.path as under `python -m`.
+_PROBE_FOR_A_KERNELS_PACKAGE = """
+import sys
+from pathlib import Path
+
+import moe.kernels
+from transformers.utils import is_kernels_available
+
+is_kernels_available()  # imports `kernels` to probe for the Hugging Face package of that name
+source = Path(moe.kernels.__file__).parent
+print(sorted(
+    name for name, module in list(sys.modules.items())
+    if Path(getattr(module, "__file__", None) or "/").parent == source and not name.startswith("moe.kernels")
+))
+"""
+
+
+def test_kernel_modules_run_once_when_transformers_probes_for_a_kernels_package():
+    """From a checkout, transformers' probe for Hugging Face's ``kernels`` package must not find and run our kernel
+    modules a second time: their ``moe::`` op definitions would replace, and free, those moe.kernels calls."""
+    pytest.importorskip("transformers")
+    repo_root = Path(moe.__file__).resolve().parents[1]
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE_FOR_A_KERNELS_PACKAGE], cwd=repo_root, capture_output=True, text=True, timeout=300
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]", f"kernel modules imported a second time: {probe.stdout.strip()}"
