@@ -17,6 +17,26 @@ TINY_MODEL = [
     "model.ffn_hidden_size=32",
 ]
 
+# A 4-expert model trained 6 steps with a checkpoint at step 3 (the multi-process equivalence tests); the batch
+# size per rank is the caller's.
+PARALLEL_RUN = [
+    "model.seq_len=32",
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.num_experts=4",
+    "data.eval_batches=2",
+    "trainer.max_steps=6",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=0",
+    "trainer.ckpt_interval=3",
+    "trainer.device=cpu",
+    "trainer.threads=1",
+    "logger.progress=lines",
+    "trainer.export_safetensors=false",
+]
+
 
 def run_moe_train(run_dir: Path, nproc: int, overrides: list[str]) -> list[dict]:
     """Train with ``overrides`` in ``run_dir`` on ``nproc`` CPU processes; return the train records of metrics.jsonl."""

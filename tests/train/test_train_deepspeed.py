@@ -13,7 +13,7 @@ import torch
 from moe.train.config import TrainerSchema
 from moe.train.strategies import STRATEGIES, DeepSpeedStrategy
 
-from train_runs import run_moe_train
+from train_runs import PARALLEL_RUN, run_moe_train
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(
@@ -21,21 +21,7 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 SMALL = [
-    "model.seq_len=32",
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.num_experts=4",
-    "data.eval_batches=2",
-    "trainer.max_steps=6",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=0",
-    "trainer.ckpt_interval=3",
-    "trainer.device=cpu",
-    "trainer.threads=1",
-    "logger.progress=lines",
-    "trainer.export_safetensors=false",
+    *PARALLEL_RUN,
     "trainer.grad_accum=2",
     "optim.grad_clip=1.0",
 ]

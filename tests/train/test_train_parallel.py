@@ -13,25 +13,9 @@ import pytest
 
 from moe.train.strategies import strategy_class
 
-from train_runs import run_moe_train
+from train_runs import PARALLEL_RUN, run_moe_train
 
-SMALL = [
-    "model.seq_len=32",
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.num_experts=4",
-    "data.eval_batches=2",
-    "trainer.max_steps=6",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=0",
-    "trainer.ckpt_interval=3",
-    "trainer.device=cpu",
-    "trainer.threads=1",
-    "logger.progress=lines",
-    "trainer.export_safetensors=false",
-]
+SMALL = PARALLEL_RUN
 GLOBAL_BATCH = 8
 
 
