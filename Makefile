@@ -21,8 +21,8 @@ test: setup-test
 	$(PYTHON) -m pytest -q
 
 lint: setup-test
-	$(PYTHON) -m ruff check moe tests
-	$(PYTHON) -m ruff format --check moe tests
+	$(PYTHON) -m ruff check moe kernels tests
+	$(PYTHON) -m ruff format --check moe kernels tests
 
 # The GPU check (needs CUDA; run `make setup-test` once first): the whole suite with CUDA plus a benchmark smoke run.
 GPU_CHECK_OUT ?= gpu-check-$(shell date +%Y%m%d-%H%M%S)

@@ -1,4 +1,4 @@
-"""Package metadata for moe."""
+"""Package metadata for moe. ``kernels/`` installs as ``moe.kernels``."""
 
 from setuptools import find_packages, setup
 
@@ -9,7 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["moe", "moe.*"]),
+    packages=find_packages(include=["moe", "moe.*"]) + ["moe.kernels"],
+    package_dir={"moe.kernels": "kernels"},
     include_package_data=True,
     # Any torch >= 2.8 (torch._grouped_mm) is kept as installed: a GPU user's CUDA build stays.
     install_requires=["torch>=2.8", "numpy"],

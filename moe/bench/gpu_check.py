@@ -4,7 +4,7 @@ Usage (on a machine with a CUDA GPU; ``make gpu-test`` runs exactly this)::
 
     python -m moe.bench.gpu_check --out gpu-check
 
-CI has no GPU, so this is the guard for anything that touches ``moe/kernels/``, ``moe/dispatch/``, ``moe/experts/``,
+CI has no GPU, so this is the guard for anything that touches ``kernels/``, ``moe/dispatch/``, ``moe/experts/``,
 ``moe/layer.py``, ``moe/model.py`` or the trainer's GPU path. It writes into ``--out`` (a new folder):
 ``pytest.log`` and ``junit.xml`` of the suite, ``layer.json`` and ``train.json`` of the benchmarks, and
 ``gpu_check.json`` with the counts, figures, device, versions and commit. It prints one line starting

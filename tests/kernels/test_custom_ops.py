@@ -3,6 +3,7 @@
 On a CPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), so these run in CI.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,28 +144,51 @@ def test_opcheck_half_gate_logits():
 
 # In a child process: the repository root is the working directory, so it is on sys.path as under `python -m`.
 _PROBE_FOR_A_KERNELS_PACKAGE = """
+import gc
 import sys
 from pathlib import Path
+
+import torch
 
 import moe.kernels
 from transformers.utils import is_kernels_available
 
-is_kernels_available()  # imports `kernels` to probe for the Hugging Face package of that name
+assert not is_kernels_available()  # imports `kernels` to probe for the Hugging Face package of that name
+gc.collect()
 source = Path(moe.kernels.__file__).parent
-print(sorted(
-    name for name, module in list(sys.modules.items())
-    if Path(getattr(module, "__file__", None) or "/").parent == source and not name.startswith("moe.kernels")
-))
+copies = {
+    module.__name__ for module in list(sys.modules.values())
+    if Path(getattr(module, "__file__", None) or "/").parent == source and not module.__name__.startswith("moe.kernels")
+}
+print(sorted(copies))
+src, rows, ptr = torch.randn(3, 4), torch.tensor([1, 0, 2]), torch.tensor([0, 2, 3])
+out = moe.kernels.segment_sum(src, rows, ptr)  # the ops moe.kernels registered still dispatch
+assert torch.allclose(out, torch.stack([src[0] + src[1], src[2]]))
+try:
+    import kernels.rows  # noqa: F401
+except ImportError as error:
+    print(error)
 """
 
 
 def test_kernel_modules_run_once_when_transformers_probes_for_a_kernels_package():
-    """From a checkout, transformers' probe for Hugging Face's ``kernels`` package must not find and run our kernel
-    modules a second time: their ``moe::`` op definitions would replace, and free, those moe.kernels calls."""
+    """From a checkout, transformers' probe for Hugging Face's ``kernels`` package finds this repository's
+    ``kernels/`` folder. It must get ``moe.kernels`` itself: running the modules a second time would define their
+    ``moe::`` ops again, and torch frees the definitions that moe.kernels calls (the cause of intermittent
+    "schema ... not registered" and ``std::bad_alloc`` errors in full CPU runs). A direct ``import kernels.rows``
+    is refused in one line."""
     pytest.importorskip("transformers")
     repo_root = Path(moe.__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     probe = subprocess.run(
-        [sys.executable, "-c", _PROBE_FOR_A_KERNELS_PACKAGE], cwd=repo_root, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _PROBE_FOR_A_KERNELS_PACKAGE],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "[]", f"kernel modules imported a second time: {probe.stdout.strip()}"
+    copies, refusal = probe.stdout.strip().splitlines()
+    assert copies == "[]", f"kernel modules imported a second time: {copies}"
+    assert refusal == "import 'kernels.rows' as 'moe.kernels.rows': a second copy would redefine the moe:: ops"

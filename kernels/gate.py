@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from moe.kernel_support import check_kernel_module_name
+
+check_kernel_module_name(__name__)
+
 
 @torch.library.custom_op("moe::half_gate_logits", mutates_args=())
 def _gate_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

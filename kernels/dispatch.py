@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from moe.kernel_support import check_kernel_module_name
+
 from .rows import scatter_rows, segment_sum
+
+check_kernel_module_name(__name__)
 
 
 def token_major_index(token_index: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

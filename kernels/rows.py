@@ -14,6 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from moe.kernel_support import check_kernel_module_name
+
+check_kernel_module_name(__name__)
+
 
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (plain Python, so torch.compile can trace it)."""

@@ -13,9 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
+from moe.kernel_support import check_kernel_module_name
 from moe.routers.topk import SCORE_FUNCTIONS
 
 from .rows import cdiv, next_power_of_2
+
+check_kernel_module_name(__name__)
 
 
 @triton.jit

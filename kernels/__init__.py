@@ -12,10 +12,20 @@ They run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRIT
 The pure-torch paths (``TopKRouter``'s torch selection, ``moe.dispatch.LocalDispatcher``) are the reference.
 """
 
-from .dispatch import combine_rows, permute_rows, token_major_index
-from .gate import half_gate_logits
-from .rows import scatter_rows, segment_sum
-from .topk import topk_route
+if __name__ != "moe.kernels":
+    # From a checkout the repository root is on sys.path, so this folder is also importable as a top-level
+    # "kernels" (transformers imports that name to probe for Hugging Face's package of it). Running the modules
+    # again would define the moe:: custom ops a second time, and torch frees the first definitions, which
+    # moe.kernels keeps calling: hand out moe.kernels itself instead.
+    import importlib
+    import sys
+
+    sys.modules[__name__] = importlib.import_module("moe.kernels")
+else:
+    from .dispatch import combine_rows, permute_rows, token_major_index
+    from .gate import half_gate_logits
+    from .rows import scatter_rows, segment_sum
+    from .topk import topk_route
 
 __all__ = [
     "combine_rows",
